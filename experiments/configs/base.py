@@ -1,0 +1,125 @@
+"""The full set of config fields, with defaults. Every other config file starts from `get_base_config()`.
+
+Field groups:
+  model       the architecture (`arch` = "hgrn_bit" for the MatMul-free LM, "transformer" for Transformer++).
+  data        where tokens come from and how rows are packed.
+  optim       AdamW, clipping, learning-rate and weight-decay schedules.
+  train       steps, batch, seed, gradient accumulation, logging cadence, what to do on a non-finite loss.
+  eval        held-out evaluation cadence and size.
+  mesh        device mesh axis sizes (-1 = all remaining devices) and the logical-axis rules.
+  checkpoint  Orbax checkpoint cadence and retention.
+
+A config file is documentation: its docstring gives the exact command and what it should reach.
+"""
+
+import ml_collections
+
+# name -> (n_layers, d_model, transformer heads, peak lr MatMul-free, peak lr Transformer++, tie embeddings)
+SIZES = {
+    "370m": (24, 1024, 32, 4e-3, 3e-4, True),
+    "1p3b": (24, 2048, 32, 2.5e-3, 3e-4, False),
+    "2p7b": (32, 2560, 32, 1.5e-3, 3e-4, False),
+}
+
+ARCHS = ("hgrn_bit", "transformer")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.arch = "hgrn_bit"
+  m.vocab_size = 32000
+  m.d_model = 1024
+  m.n_layers = 24
+  m.d_ff = 0  # 0: the reference rule I = 256 * ceil(int(d * 4 * 2/3) / 256)
+  m.n_heads = 16  # Transformer++ only
+  m.rope_base = 10000.0  # Transformer++ only
+  m.tie_embeddings = False  # Transformer++ only; the MatMul-free LM is always untied
+  m.norm_eps = 1e-6
+  m.param_dtype = "float32"
+  m.dtype = "bfloat16"  # compute dtype; the loss and the recurrence state are always float32
+  m.scan_impl = "associative"  # sequential | associative | chunked
+  m.scan_chunk = 128  # chunk length of the chunked scan
+  m.bitlinear = "fused"  # fused (recompute norm + quantization in backward) | vanilla (autodiff) | int8
+  m.attention_impl = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+  m.remat = "full"  # none | full | save_dots | save_proj (policy of nn.remat around each block)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "embedded"  # embedded (the Python standard library's source, byte tokens) | shards
+  d.path = ""  # shards: a directory written by experiments.prepare_data
+  d.seq_len = 2048
+  d.shuffle_seed = 0
+  d.heldout_fraction = 0.02  # embedded source: fraction of files held out for evaluation
+  d.prefetch = 2
+  d.num_workers = 0  # grain worker processes (0: read in the main process)
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.peak_lr = 4e-3
+  o.warmup_steps = 1000
+  o.schedule = "cosine_halve"  # cosine (warmup, cosine to floor) | cosine_halve (the paper's MatMul-free recipe)
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.wd_schedule = "constant"  # constant | two_stage (weight_decay in the first half, 0 after)
+  o.clip_norm = 1.0
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 10000
+  t.global_batch = 256  # sequences per optimizer step, over all processes
+  t.grad_accum = 1  # micro-batches per step
+  t.seed = 0
+  t.log_every = 10
+  t.on_nonfinite = "skip"  # skip (drop the update, keep going) | stop (keep the last good checkpoint, exit)
+  t.sample_prompt = ""  # printed sample at the end of training ("" = none)
+  t.sample_tokens = 0
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.every_steps = 500
+  e.batches = 8
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.tensor = 1
+  ms.slices = 1  # multi-slice: the data axis spans slices over the data-center network
+
+  c.checkpoint = ck = ml_collections.ConfigDict()
+  ck.every_steps = 1000
+  ck.keep = 3
+  ck.keep_period = 0  # also keep every N-th step forever (0 = off)
+  ck.async_save = True
+
+  return c
+
+
+def sized(name: str, arch: str) -> ml_collections.ConfigDict:
+  """The base config with one of the paper's sizes and the family's recipe filled in."""
+  if arch not in ARCHS:
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+  n_layers, d_model, n_heads, lr_mmfree, lr_tpp, tie = SIZES[name]
+  c = get_base_config()
+  c.model.arch = arch
+  c.model.n_layers = n_layers
+  c.model.d_model = d_model
+  c.model.n_heads = n_heads
+  if arch == "transformer":
+    c.model.tie_embeddings = tie
+    c.optim.peak_lr = lr_tpp
+    c.optim.schedule = "cosine"
+  else:
+    c.optim.peak_lr = lr_mmfree
+    c.optim.schedule = "cosine_halve"
+  return c
+
+
+def parse_arg(arg: str | None) -> str:
+  """`get_config(arg)`: '' or 'mmfree' -> hgrn_bit, 'transformer' -> transformer."""
+  arg = (arg or "").strip()
+  if arg in ("", "mmfree", "hgrn_bit"):
+    return "hgrn_bit"
+  if arg == "transformer":
+    return "transformer"
+  raise ValueError(f"unknown config argument {arg!r}: use ':transformer' for Transformer++ or nothing")

@@ -1,0 +1,163 @@
+"""Ternary weights for inference: quantize once, pack 4 per byte, multiply with int8 activations.
+
+A BitLinear appears in three forms; `ternary_linear` takes any of them:
+
+  latent    {'kernel' [in, *out] float, 'norm_scale' [in]}              (training checkpoints)
+  ternary   {'q' [in, *out] int8 in {-1,0,1}, 'inv_sw' [], 'norm_scale'}  (latent quantized once per call)
+  packed    {'packed' [ceil(in/4), *out] uint8, 'inv_sw' [], 'norm_scale'} (export checkpoints)
+
+Packing: the code of a weight is `q + 1` in {0, 1, 2} (2 bits). With `n = ceil(in / 4)` and the input axis
+padded to 4n with zeros, byte `r` holds rows `r, r + n, r + 2n, r + 3n` in bits 0-1, 2-3, 4-5, 6-7, so unpacking
+is four shifts and one concatenation along the input axis, done inside the compiled step.
+
+`inv_sw = 1/s_w = max(mean|W|, 1e-5)` is kept from the quantization of the latent weight. Quantization is not
+idempotent: quantizing already-ternary values again keeps their signs but changes the scale to the fraction of
+non-zeros, so a packed checkpoint is never re-quantized; its `inv_sw` is used as stored.
+
+The matmul is `lax.dot_general(int8 activations, int8 ternary weights, preferred_element_type=int32)`, then one
+rescale by `1/s_x * 1/s_w`, the same arithmetic as BitLinear's `int8` implementation.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mmfree_jax.layers import dtypes
+from mmfree_jax.layers.bitlinear import quantize_activations, quantize_weight
+from mmfree_jax.layers.norm import rms_normalize
+
+FORMAT = "packed-ternary-v1"
+
+
+def is_bitlinear(node: Any) -> bool:
+  """A parameter dict of one BitLinear in any of the three forms."""
+  return isinstance(node, dict) and "norm_scale" in node and any(k in node for k in ("kernel", "q", "packed"))
+
+
+def pack(q_in_out: jax.Array) -> jax.Array:
+  """Ternary int8 `[in, *out]` -> uint8 `[ceil(in/4), *out]` (see the module docstring)."""
+  n_in = q_in_out.shape[0]
+  n = -(-n_in // 4)
+  codes = (q_in_out.astype(jnp.int32) + 1).astype(jnp.uint8)
+  codes = jnp.pad(codes, [(0, 4 * n - n_in)] + [(0, 0)] * (codes.ndim - 1), constant_values=1)
+  parts = [codes[k * n:(k + 1) * n] << (2 * k) for k in range(4)]
+  return (parts[0] | parts[1] | parts[2] | parts[3]).astype(jnp.uint8)
+
+
+def unpack(packed: jax.Array, n_in: int) -> jax.Array:
+  """uint8 `[ceil(in/4), *out]` -> ternary int8 `[in, *out]`."""
+  parts = [((packed >> (2 * k)) & 3).astype(jnp.int8) for k in range(4)]
+  return (jnp.concatenate(parts, axis=0) - 1)[:n_in].astype(jnp.int8)
+
+
+def quantize_once(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Latent `[in, *out]` -> (ternary int8 `[in, *out]`, 1/s_w in the accumulation dtype): one whole matrix."""
+  q, inv_sw = quantize_weight(kernel.reshape(kernel.shape[0], -1))
+  return q.reshape(kernel.shape).astype(jnp.int8), inv_sw
+
+
+def _map_stacked(fn, node: dict, stacked: bool):
+  return jax.vmap(fn)(node) if stacked else fn(node)
+
+
+def to_ternary(node: dict, stacked: bool = False) -> dict:
+  """One BitLinear (latent, ternary or packed) -> the ternary form's keys (`q` int8), norm scale unchanged."""
+  if "q" in node:
+    return node
+  if "packed" in node:
+    n_in = node["norm_scale"].shape[-1]
+    q = (jax.vmap(lambda p: unpack(p, n_in)) if stacked else lambda p: unpack(p, n_in))(node["packed"])
+    return {"q": q, "inv_sw": node["inv_sw"], "norm_scale": node["norm_scale"]}
+  def one(k):
+    return quantize_once(k)
+  q, inv_sw = jax.vmap(one)(node["kernel"]) if stacked else one(node["kernel"])
+  return {"q": q, "inv_sw": inv_sw, "norm_scale": node["norm_scale"]}
+
+
+def to_packed(node: dict, stacked: bool = False) -> dict:
+  """One BitLinear -> the packed form (`packed` uint8, `inv_sw`, `norm_scale`)."""
+  if "packed" in node:
+    return node
+  t = to_ternary(node, stacked)
+  packed = jax.vmap(pack)(t["q"]) if stacked else pack(t["q"])
+  return {"packed": packed, "inv_sw": t["inv_sw"], "norm_scale": t["norm_scale"]}
+
+
+def map_bitlinears(fn, tree: Any, stacked: bool = False) -> Any:
+  """Applies `fn(node, stacked)` to every BitLinear dict of a parameter tree (`layers/...` is stacked)."""
+  if is_bitlinear(tree):
+    return fn(tree, stacked)
+  if isinstance(tree, dict):
+    return {k: map_bitlinears(fn, v, stacked or k == "layers") for k, v in tree.items()}
+  return tree
+
+
+def ternary_linear(x, node: dict, *, eps: float = 1e-6):
+  """BitLinear of `x[..., in]` (compute dtype) with `node` in any form; output `[..., *out]` in x's dtype.
+
+  Latent weights are quantized here (as in training); ternary and packed weights are used as they are.
+  """
+  acc = dtypes.accum(x.dtype)
+  if "kernel" in node:
+    q, inv_sw = quantize_once(node["kernel"])
+  elif "packed" in node:
+    q, inv_sw = unpack(node["packed"], node["norm_scale"].shape[-1]), node["inv_sw"]
+  else:
+    q, inv_sw = node["q"], node["inv_sw"]
+  y = rms_normalize(x, eps) * node["norm_scale"].astype(acc)
+  qx, inv_sx = quantize_activations(y)
+  out_shape = q.shape[1:]
+  q2 = q.reshape(q.shape[0], -1)
+  accum = lax.dot_general(qx.astype(jnp.int8), q2, (((qx.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+  out = (accum.astype(acc) * (inv_sx * inv_sw.astype(acc))).astype(x.dtype)
+  return out.reshape(*out.shape[:-1], *out_shape)
+
+
+def int_accumulators(x, node: dict, *, eps: float = 1e-6):
+  """The int32 accumulators `q_x @ q_w` of `ternary_linear` (for exactness tests)."""
+  acc = dtypes.accum(x.dtype)
+  t = to_ternary(node)
+  y = rms_normalize(x, eps) * t["norm_scale"].astype(acc)
+  qx, _ = quantize_activations(y)
+  q2 = t["q"].reshape(t["q"].shape[0], -1)
+  return lax.dot_general(qx.astype(jnp.int8), q2, (((qx.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.int32)
+
+
+def pack_tree(params: dict, float_dtype=jnp.bfloat16) -> dict:
+  """A latent MatMul-free parameter tree -> the packed inference tree (jittable; see `pack_params`)."""
+  scale_dtype = jnp.promote_types(float_dtype, jnp.float32)
+
+  def bl(node, stacked):
+    out = to_packed(node, stacked)
+    return {"packed": out["packed"], "inv_sw": out["inv_sw"].astype(scale_dtype),
+            "norm_scale": out["norm_scale"].astype(scale_dtype)}
+
+  def rest(tree):
+    if is_bitlinear(tree):
+      return tree
+    if isinstance(tree, dict):
+      return {k: rest(v) for k, v in tree.items()}
+    return jnp.asarray(tree).astype(float_dtype)
+
+  return rest(map_bitlinears(bl, params))
+
+
+def pack_params(params: dict, float_dtype=jnp.bfloat16) -> dict:
+  """A latent MatMul-free parameter tree -> the packed inference tree (host arrays).
+
+  BitLinears: `packed` uint8, `inv_sw` per matrix and `norm_scale`, both float32 (float64 when `float_dtype`
+  is). Every other float leaf (embeddings, block norms, `g_norm`, final norm, lower bounds) is cast to
+  `float_dtype`.
+  """
+  out = jax.jit(pack_tree, static_argnums=1)(params, jnp.dtype(float_dtype))
+  return jax.tree.map(np.asarray, out)
+
+
+def weight_bytes(tree: Any) -> int:
+  """Bytes of all arrays in a parameter tree."""
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))

@@ -1,0 +1,83 @@
+"""The MatMul-free LM for inference: the same arithmetic as `models.hgrn_bit`, over a constant-size state.
+
+A functional forward over the parameter tree (any BitLinear form of `inference.packed`), so that one code path
+serves latent training checkpoints and packed export checkpoints. Tokens where `valid` is False are identity
+elements of the recurrence (`a = 1, b = 0`): they leave the state untouched, so rows padded on either side
+carry exactly the state of their real tokens. The prompt is processed by the parallel scan (`cfg.scan_impl`),
+decoding by the same code on one token.
+
+Cache: `{'h': [L, B, d] float32}`, the state before the next token.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mmfree_jax.inference.packed import map_bitlinears, ternary_linear, to_ternary
+from mmfree_jax.layers import dtypes
+from mmfree_jax.layers.norm import rms_normalize
+from mmfree_jax.layers.recurrence import linear_scan
+from mmfree_jax.model_config import ModelConfig
+from mmfree_jax.models.hgrn_bit import layer_lower_bounds
+
+
+def prepare(cfg: ModelConfig, params: dict) -> dict:
+  """Quantizes latent BitLinear weights once (int8 ternary + 1/s_w); packed weights stay packed."""
+  del cfg
+  return map_bitlinears(lambda n, s: n if "packed" in n else to_ternary(n, s), params)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+  del max_len
+  return {"h": jnp.zeros((cfg.n_layers, batch, cfg.d_model), dtypes.accum(cfg.compute_dtype))}
+
+
+def _norm(x, scale, eps, dtype):
+  return (rms_normalize(x, eps) * scale.astype(dtypes.accum(x.dtype))).astype(dtype)
+
+
+def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
+  cdt, acc, eps = cfg.compute_dtype, dtypes.accum(cfg.compute_dtype), cfg.norm_eps
+  lin = lambda v, node: ternary_linear(v.astype(cdt), node, eps=eps)
+  a = p["attn"]
+  u = _norm(x, p["attn_norm"]["scale"], eps, cdt)
+  f = jax.nn.sigmoid(lin(u, a["f_proj"]).astype(acc))
+  lb = lb.astype(acc)
+  f = lb + (1.0 - lb) * f
+  i = jax.nn.silu(lin(u, a["i_proj"]).astype(acc)) * (1.0 - f)
+  f, i = f.astype(cdt), i.astype(cdt)
+  if valid_BT is not None:
+    f = jnp.where(valid_BT[..., None], f, jnp.ones_like(f))
+    i = jnp.where(valid_BT[..., None], i, jnp.zeros_like(i))
+  h, h_last = linear_scan(f, i, h0, None, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
+  g = _norm(lin(u, a["g_proj"]), a["g_norm"]["scale"], eps, acc)
+  o = (g * jax.nn.silu(h.astype(acc))).astype(cdt)
+  r = x + lin(o, a["o_proj"])
+  m = p["mlp"]
+  gu = lin(_norm(r, p["mlp_norm"]["scale"], eps, cdt), m["gate_proj"])
+  hid = (jax.nn.silu(gu[..., 0, :].astype(acc)) * gu[..., 1, :]).astype(cdt)
+  return r + lin(hid, m["down_proj"]), h_last
+
+
+def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict):
+  """(final-normed hidden states [B, T, d] in the compute dtype, new cache)."""
+  cdt = cfg.compute_dtype
+  x = jnp.take(w["embeddings"]["embedding"].astype(cdt), tokens_BT, axis=0)
+  lbs = layer_lower_bounds(w["lower_bounds"])
+
+  def layer(x, xs):
+    p, lb, h0 = xs
+    return _block(cfg, x, p, lb, h0, valid_BT)
+
+  x, h = lax.scan(layer, x, (w["layers"], lbs, cache["h"]))
+  return _norm(x, w["norm"]["scale"], cfg.norm_eps, cdt), {"h": h}
+
+
+def logits(cfg: ModelConfig, w: dict, x_BTD):
+  return ternary_linear(x_BTD.astype(cfg.compute_dtype), w["lm_head"], eps=cfg.norm_eps)
+
+
+def state_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:
+  """Bytes of the decoding state: independent of the context length."""
+  del max_len
+  return cfg.n_layers * batch * cfg.d_model * jnp.dtype(dtypes.accum(cfg.compute_dtype)).itemsize

@@ -1,0 +1,168 @@
+"""BitLinear: RMSNorm -> per-token 8-bit activations x per-matrix ternary weights, as the official code computes it.
+
+Forward, per token row x (norm and quantizers in float32, or float64 under x64):
+  y   = x / sqrt(mean(x^2) + eps) * g
+  s_x = 127 / max(max|y|, 1e-5)            q_x = clip(round_half_away(y * s_x), -128, 127)   (integers)
+  s_w = 1 / max(mean|W|, 1e-5)             q_w = clip(round_half_even(W * s_w), -1, 1)      (ternary)
+  out = (q_x @ q_w) / (s_x * s_w)          == y_q @ W_q with y_q = q_x / s_x, W_q = q_w / s_w
+Backward: straight-through estimators on both quantizers, scales treated as constants:
+  dL/dy = dout @ W_q^T,  dL/dW = y_q^T @ dout,  dL/dx through the exact RMSNorm backward.
+
+Three implementations (`impl`), identical in value:
+  fused    a `jax.custom_vjp` that saves only the layer input (and the parameters it already holds) and recomputes
+           the norm and both quantizers in the backward pass: the memory saving of the official fused layer.
+           The forward matmul runs on integer-valued operands in the compute dtype (exact in bfloat16: |q| <= 128)
+           with float32 accumulation, then rescales.
+  int8     as fused, but the forward matmul is a true int8 x int8 -> int32 `lax.dot_general`: MatMul-free
+           arithmetic (accumulate ternary-signed int8 activations), then one float rescale.
+  vanilla  plain autodiff through `y + stop_gradient(q(y) - y)`: keeps the normalized and quantized activations
+           for the backward pass. The reference and the ablation baseline.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from mmfree_jax.layers import dtypes
+from mmfree_jax.layers.norm import rms_normalize
+
+IMPLS = ("fused", "int8", "vanilla")
+_SCALE_FLOOR = 1e-5
+
+
+def round_half_away(v):
+  """Round to nearest, ties away from zero (the activation quantizer's rule)."""
+  return jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
+
+
+def quantize_activations(y):
+  """Per-row 8-bit absmax quantization: (integer-valued q in y's dtype, 1/s_x with shape [..., 1])."""
+  amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+  scale = 127.0 / jnp.maximum(amax, _SCALE_FLOOR)
+  q = jnp.clip(round_half_away(y * scale), -128, 127)
+  return q, 1.0 / scale
+
+
+def quantize_weight(w):
+  """Per-matrix absmean ternary quantization: (q in {-1, 0, 1} in w's accum dtype, 1/s_w scalar)."""
+  w = w.astype(dtypes.accum(w.dtype))
+  scale = 1.0 / jnp.maximum(jnp.mean(jnp.abs(w)), _SCALE_FLOOR)
+  return jnp.clip(jnp.round(w * scale), -1, 1), 1.0 / scale
+
+
+def _normalize(x, g, eps):
+  xhat = rms_normalize(x, eps)
+  return xhat, xhat * g.astype(xhat.dtype)
+
+
+def _matmul(a, b, acc):
+  """`a[..., i] @ b[i, o]` with accumulation in `acc`."""
+  return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
+
+
+def _forward(x, g, w, eps, impl):
+  acc = dtypes.accum(x.dtype)
+  _, y = _normalize(x, g, eps)
+  qx, inv_sx = quantize_activations(y)
+  qw, inv_sw = quantize_weight(w)
+  if impl == "int8":
+    out = _matmul(qx.astype(jnp.int8), qw.astype(jnp.int8), jnp.int32).astype(acc)
+  else:
+    out = _matmul(qx.astype(x.dtype), qw.astype(x.dtype), acc)
+  return (out * (inv_sx * inv_sw)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bitlinear_recompute(x, g, w, eps, impl):
+  return _forward(x, g, w, eps, impl)
+
+
+def _recompute_fwd(x, g, w, eps, impl):
+  return _forward(x, g, w, eps, impl), (x, g, w)
+
+
+def _recompute_bwd(eps, impl, res, dout):
+  del impl
+  x, g, w = res
+  acc = dtypes.accum(x.dtype)
+  xhat, y = _normalize(x, g, eps)
+  qx, inv_sx = quantize_activations(y)
+  qw, inv_sw = quantize_weight(w)
+  y_q = (qx * inv_sx).astype(x.dtype)
+  # dL/dW = y_q^T @ dout (straight through the weight quantizer).
+  dw = jnp.einsum("...i,...o->io", y_q, dout, preferred_element_type=acc)
+  # dL/dy = dout @ W_q^T (straight through the activation quantizer).
+  dy = lax.dot_general(dout, qw.astype(dout.dtype), (((dout.ndim - 1,), (1,)), ((), ())),
+                       preferred_element_type=acc) * inv_sw
+  dg = jnp.sum((dy * xhat).reshape(-1, xhat.shape[-1]), axis=0)
+  dxhat = dy * g.astype(acc)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(acc)), axis=-1, keepdims=True) + eps)
+  dx = rstd * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), dg.astype(g.dtype), dw.astype(w.dtype)
+
+
+_bitlinear_recompute.defvjp(_recompute_fwd, _recompute_bwd)
+
+
+def _bitlinear_vanilla(x, g, w, eps):
+  _, y = _normalize(x, g, eps)
+  qx, inv_sx = quantize_activations(y)
+  y_q = y + lax.stop_gradient(qx * inv_sx - y)
+  w32 = w.astype(dtypes.accum(w.dtype))
+  qw, inv_sw = quantize_weight(w32)
+  w_q = w32 + lax.stop_gradient(qw * inv_sw - w32)
+  # Product in the compute dtype: a float32 result would make the backward GEMMs float32 (see layers.dense).
+  return _matmul(y_q.astype(x.dtype), w_q.astype(x.dtype), x.dtype)
+
+
+def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused"):
+  """BitLinear of `x[..., in]` with RMSNorm scale `norm_scale[in]` and latent weight `kernel[in, *out]`.
+
+  `x` is in the compute dtype; the output `[..., *out]` has the same dtype. A kernel with several output axes
+  (e.g. the GLU's fused gate/up `[d, 2, I]`) is one matrix: one weight scale over all of it.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown BitLinear impl {impl!r}; expected one of {IMPLS}")
+  out_shape = kernel.shape[1:]
+  kernel = kernel.reshape(kernel.shape[0], -1)
+  if impl == "vanilla":
+    out = _bitlinear_vanilla(x, norm_scale, kernel, eps)
+  else:
+    out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
+  return out.reshape(*out.shape[:-1], *out_shape)
+
+
+def int_accumulators(x, norm_scale, kernel, *, eps: float = 1e-6):
+  """The integer part of the int8 path: (int32 `q_x @ q_w`, 1/s_x, 1/s_w). For tests and inference."""
+  _, y = _normalize(x, norm_scale, eps)
+  qx, inv_sx = quantize_activations(y)
+  qw, inv_sw = quantize_weight(kernel)
+  return _matmul(qx.astype(jnp.int8), qw.astype(jnp.int8), jnp.int32), inv_sx, inv_sw
+
+
+class BitLinear(nn.Module):
+  """A ternary linear layer with its own RMSNorm (no bias). Parameters: `kernel [in, *features]`, `norm_scale [in]`.
+
+  `axes` are the logical axis names of the kernel (input axis, output axes); the norm scale uses the input's.
+  """
+  features: int | tuple[int, ...]
+  axes: tuple[str | None, ...] = ("embed", "mlp")
+  kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  eps: float = 1e-6
+  impl: str = "fused"
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d_in = x.shape[-1]
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        (d_in, *features), self.param_dtype)
+    norm_scale = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes[:1]),
+                            (d_in,), self.param_dtype)
+    return checkpoint_name(bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl), "proj")

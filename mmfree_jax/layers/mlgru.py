@@ -1,0 +1,45 @@
+"""The MLGRU token mixer (`HGRNBitAttention` of the official code), input x = the block's normalized state.
+
+  f = sigmoid(BL_f(x));  f = lb + (1 - lb) * f          (lb = this layer's lower bound; 0 for layer 0)
+  i = silu(BL_i(x)) * (1 - f)
+  h_t = f_t * h_{t-1} + i_t                              (float32 state; reset at document starts)
+  out = BL_o(RMSNorm_g(BL_g(x)) * silu(h))
+"""
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+from mmfree_jax.layers import dtypes
+from mmfree_jax.layers.bitlinear import BitLinear
+from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.recurrence import linear_scan
+from mmfree_jax.model_config import ModelConfig
+
+# xavier-uniform with gain 2^-2.5: bound = gain * sqrt(6 / (fan_in + fan_out)).
+PROJ_INIT = nn.initializers.variance_scaling(2.0 ** -5, "fan_avg", "uniform")
+
+
+class MLGRU(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, lower_bound_D, h0_BD=None, resets_BT=None):
+    """Returns (out [B, T, D] in the compute dtype, final state [B, D] float32)."""
+    cfg = self.cfg
+    acc = dtypes.accum(cfg.compute_dtype)
+    proj = lambda name, axes=("embed", "heads"): BitLinear(
+        cfg.d_model, axes=axes, kernel_init=PROJ_INIT, eps=cfg.norm_eps, impl=cfg.bitlinear,
+        dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
+    f = jax.nn.sigmoid(proj("f_proj")(x_BTD).astype(acc))
+    lb = lower_bound_D.astype(acc)
+    f = lb + (1.0 - lb) * f
+    i = jax.nn.silu(proj("i_proj")(x_BTD).astype(acc)) * (1.0 - f)
+    f = nn.with_logical_constraint(f.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
+    i = nn.with_logical_constraint(i.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
+    h, h_last = linear_scan(f, i, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
+    h = checkpoint_name(h, "scan")
+    g = RMSNorm(cfg.norm_eps, dtype=acc, param_dtype=cfg.weight_dtype, axis_name="heads",
+                name="g_norm")(proj("g_proj")(x_BTD))
+    o = (g * jax.nn.silu(h.astype(acc))).astype(cfg.compute_dtype)
+    return proj("o_proj", ("heads", "embed"))(o), h_last

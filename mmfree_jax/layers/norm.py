@@ -1,0 +1,27 @@
+"""RMSNorm: `x / sqrt(mean(x^2) + eps) * scale`, computed in float32 (pure RMS, no mean subtraction)."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmfree_jax.layers import dtypes
+
+
+def rms_normalize(x, eps: float):
+  """`x / sqrt(mean(x^2) + eps)` over the last axis, in at least float32."""
+  x = x.astype(dtypes.accum(x.dtype))
+  return x * jnp.reciprocal(jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with a learned per-channel scale (init 1). Output in `dtype`."""
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    y = rms_normalize(x, self.eps) * scale.astype(dtypes.accum(x.dtype))
+    return y.astype(self.dtype)

@@ -1,0 +1,79 @@
+"""`ModelConfig`: the frozen, validated form of a config's `model` field that the modules hold."""
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+ARCHS = ("hgrn_bit", "transformer")
+REMAT = ("none", "full", "save_dots", "save_proj")
+
+
+def glu_width(d_model: int) -> int:
+  """The reference intermediate size: I = 256 * ceil(int(d * 4 * 2/3) / 256)."""
+  return 256 * math.ceil(int(d_model * 4 * 2 / 3) / 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  arch: str = "hgrn_bit"
+  vocab_size: int = 32000
+  d_model: int = 1024
+  n_layers: int = 24
+  d_ff: int = 0  # 0: glu_width(d_model)
+  n_heads: int = 16
+  rope_base: float = 10000.0
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-6
+  param_dtype: str = "float32"
+  dtype: str = "bfloat16"
+  scan_impl: str = "associative"
+  scan_chunk: int = 128
+  bitlinear: str = "fused"
+  attention_impl: str = "xla"
+  remat: str = "full"
+
+  def __post_init__(self):
+    from mmfree_jax.layers import bitlinear, recurrence  # pylint: disable=g-import-not-at-top
+    checks = [
+        (self.arch in ARCHS, f"model.arch={self.arch!r}: expected one of {ARCHS}"),
+        (self.scan_impl in recurrence.IMPLS, f"model.scan_impl={self.scan_impl!r}: expected one of {recurrence.IMPLS}"),
+        (self.bitlinear in bitlinear.IMPLS, f"model.bitlinear={self.bitlinear!r}: expected one of {bitlinear.IMPLS}"),
+        (self.remat in REMAT, f"model.remat={self.remat!r}: expected one of {REMAT}"),
+        (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}: expected xla or cudnn"),
+        (min(self.vocab_size, self.d_model, self.n_layers, self.scan_chunk) > 0, "model sizes must be positive"),
+        (self.arch != "transformer" or self.d_model % self.n_heads == 0,
+         f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"),
+        (self.arch != "transformer" or (self.d_model // self.n_heads) % 2 == 0, "RoPE needs an even head dim"),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg)
+    for name in ("param_dtype", "dtype"):
+      jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype name
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    """From a ConfigDict / dict holding (a subset of) the fields; unknown fields are an error."""
+    cfg = dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+      raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
+    return cls(**cfg)
+
+  @property
+  def ff(self) -> int:
+    return self.d_ff or glu_width(self.d_model)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)

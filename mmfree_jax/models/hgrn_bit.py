@@ -1,0 +1,66 @@
+"""The MatMul-free LM (`HGRNBitForCausalLM`): embeddings, L x (MLGRU + GLU) blocks, final RMSNorm, BitLinear head."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmfree_jax.layers import dtypes
+from mmfree_jax.layers.bitlinear import BitLinear
+from mmfree_jax.layers.glu import BitGLU
+from mmfree_jax.layers.mlgru import MLGRU
+from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.recurrence import resets_from_segments
+from mmfree_jax.model_config import ModelConfig
+from mmfree_jax.models.stack import scanned
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+def layer_lower_bounds(lower_bounds_LD):
+  """softmax over layers, cumsum, minus the first: lb[0] = 0 exactly, lb[l] = l/L at init."""
+  p = jax.nn.softmax(lower_bounds_LD.astype(dtypes.accum(lower_bounds_LD.dtype)), axis=0)
+  return jnp.cumsum(p, axis=0) - p[0]
+
+
+class HGRNBitBlock(nn.Module):
+  """r = x + MLGRU(RMSNorm(x)); out = r + GLU(RMSNorm(r))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, per_layer, resets_BT):
+    cfg = self.cfg
+    lower_bound_D, h0_BD = per_layer
+    norm = lambda name: RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
+    mixed, h_last = MLGRU(cfg, name="attn")(norm("attn_norm")(x_BTD), lower_bound_D, h0_BD, resets_BT)
+    r = nn.with_logical_constraint(x_BTD + mixed, ACT)
+    out = nn.with_logical_constraint(r + BitGLU(cfg, name="mlp")(norm("mlp_norm")(r)), ACT)
+    return out, h_last
+
+
+class HGRNBitLM(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, state=None, return_state=False):
+    """Logits [B, T, V] (compute dtype); with `return_state`, also the recurrent state [L, B, D] float32.
+
+    `state` is the state before the first token (as returned by an earlier call); `segment_ids` reset the
+    state at document starts inside a row. MatMul-free LM has no positional encoding: `positions` is unused.
+    """
+    del positions_BT
+    cfg = self.cfg
+    x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                 name="embeddings")(tokens_BT)
+    x = nn.with_logical_constraint(x, ACT)
+    lower_bounds = self.param("lower_bounds", nn.with_logical_partitioning(nn.initializers.zeros, ("layers", "embed")),
+                              (cfg.n_layers, cfg.d_model), cfg.weight_dtype)
+    resets = None if segment_ids_BT is None else resets_from_segments(segment_ids_BT)
+    layers = scanned(HGRNBitBlock, cfg, in_axes=(0, nn.broadcast), name="layers")
+    x, h_last = layers(x, (layer_lower_bounds(lower_bounds), state), resets)
+    x = RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="norm")(x)
+    logits = BitLinear(cfg.vocab_size, axes=("embed", "vocab"), kernel_init=nn.initializers.normal(0.02),
+                       eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, name="lm_head")(x)
+    logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+    return (logits, h_last) if return_state else logits

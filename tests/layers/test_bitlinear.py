@@ -1,0 +1,153 @@
+"""BitLinear: quantizers on hand-built cases, STE gradients, fused == vanilla, int8 accumulators, residuals."""
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import print_saved_residuals
+import numpy as np
+import pytest
+
+from mmfree_jax.layers import bitlinear as bl
+
+
+def np_reference(x, g, w, eps=1e-6):
+  """The spec's BitLinear in float64 NumPy: returns (out, y, y_q, W_q, q_x int, q_w int)."""
+  x, g, w = (np.asarray(a, np.float64) for a in (x, g, w))
+  y = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
+  s_x = 127.0 / np.maximum(np.abs(y).max(-1, keepdims=True), 1e-5)
+  v = y * s_x
+  q_x = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -128, 127)
+  s_w = 1.0 / max(np.abs(w).mean(), 1e-5)
+  q_w = np.clip(np.round(w * s_w), -1, 1)
+  y_q, w_q = q_x / s_x, q_w / s_w
+  return y_q @ w_q, y, y_q, w_q, q_x.astype(np.int64), q_w.astype(np.int64)
+
+
+def test_activation_rounding_ties_away_from_zero():
+  # max |y| = 127 -> s_x = 1, so the values are rounded as given.
+  y = jnp.array([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 127.0, 0.49]])
+  q, inv = bl.quantize_activations(y)
+  np.testing.assert_array_equal(q, [[1, 2, 3, -1, -2, -3, 127, 0]])
+  assert inv[0, 0] == 1.0
+
+
+def test_weight_rounding_ties_to_even_and_clip():
+  # mean |w| = 1 -> s_w = 1: ties 0.5 -> 0, 1.5 -> 2 (then clipped to 1), -0.5 -> 0, -1.5 -> -2 -> -1.
+  q, inv = bl.quantize_weight(jnp.array([[0.5, 1.5, -0.5, -1.5, 0.0, 2.0]]))
+  np.testing.assert_array_equal(q, [[0, 1, 0, -1, 0, 1]])
+  assert float(inv) == 1.0
+
+
+def test_zero_inputs_use_the_floors():
+  q, inv = bl.quantize_activations(jnp.zeros((2, 4)))
+  np.testing.assert_array_equal(q, 0)
+  np.testing.assert_allclose(inv, 1e-5 / 127, rtol=1e-6)
+  qw, inv_w = bl.quantize_weight(jnp.zeros((3, 4)))
+  np.testing.assert_array_equal(qw, 0)
+  np.testing.assert_allclose(inv_w, 1e-5, rtol=1e-6)
+  out = bl.bitlinear(jnp.zeros((2, 4)), jnp.ones(4), jnp.zeros((4, 3)))
+  np.testing.assert_array_equal(out, 0)
+
+
+def test_scales_per_token_and_per_matrix():
+  y = jnp.array([[1.0, -2.0], [10.0, 5.0]])
+  _, inv = bl.quantize_activations(y)
+  np.testing.assert_allclose(inv[:, 0], [2.0 / 127, 10.0 / 127], rtol=1e-6)
+  _, inv_w = bl.quantize_weight(jnp.array([[1.0, -3.0], [0.0, 4.0]]))
+  np.testing.assert_allclose(inv_w, 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", bl.IMPLS)
+def test_forward_matches_numpy_reference_float64(x64, impl):
+  rng = np.random.default_rng()
+  x, g, w = rng.normal(size=(3, 5, 48)), rng.uniform(0.5, 1.5, 48), rng.normal(size=(48, 24)) * 0.02
+  ref = np_reference(x, g, w)[0]
+  x, g, w = (jnp.asarray(a) for a in (x, g, w))
+  out = bl.bitlinear(x, g, w, impl=impl)
+  np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_ste_gradients_match_spec_formulas(x64):
+  rng = np.random.default_rng()
+  x, g, w, dout = rng.normal(size=(7, 32)), rng.uniform(0.5, 1.5, 32), rng.normal(size=(32, 16)), rng.normal(size=(7, 16))
+  _, y, y_q, w_q, _, _ = np_reference(x, g, w)
+  # Spec: dL/dy = dout @ W_q^T; dL/dW = y_q^T @ dout; dL/dx through the exact RMSNorm backward.
+  dy = dout @ w_q.T
+  eps = 1e-6
+  r = 1 / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
+  xhat = x * r
+  dg = np.sum(dy * xhat, 0)
+  dxhat = dy * g
+  dx = r * dxhat - x * r ** 3 * np.mean(dxhat * x, -1, keepdims=True)
+  dw = y_q.T @ dout
+  for impl in bl.IMPLS:
+    f = lambda x_, g_, w_: jnp.sum(bl.bitlinear(x_, g_, w_, impl=impl) * dout)
+    gx, gg, gw = jax.grad(f, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(g), jnp.asarray(w))
+    np.testing.assert_allclose(gx, dx, rtol=1e-9, atol=1e-12, err_msg=impl)
+    np.testing.assert_allclose(gg, dg, rtol=1e-9, atol=1e-12, err_msg=impl)
+    np.testing.assert_allclose(gw, dw, rtol=1e-9, atol=1e-12, err_msg=impl)
+  del y
+
+
+def test_int8_accumulators_exact_and_outputs_match_fake_quant():
+  rng = np.random.default_rng()
+  x, g, w = rng.normal(size=(4, 9, 64)), rng.uniform(0.5, 1.5, 64), rng.normal(size=(64, 40))
+  acc, inv_sx, inv_sw = bl.int_accumulators(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
+                                            jnp.asarray(w, jnp.float32))
+  assert acc.dtype == jnp.int32
+  # The int64 NumPy reference on the same integer operands (quantized by the float32 path).
+  qx, _ = bl.quantize_activations(bl._normalize(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32), 1e-6)[1])
+  qw, _ = bl.quantize_weight(jnp.asarray(w, jnp.float32))
+  ref = np.asarray(qx, np.int64) @ np.asarray(qw, np.int64)
+  np.testing.assert_array_equal(np.asarray(acc, np.int64), ref)
+  args = [jnp.asarray(a, jnp.float32) for a in (x, g, w)]
+  fused = bl.bitlinear(*args, impl="fused")
+  int8 = bl.bitlinear(*args, impl="int8")
+  xs = np.asarray(qx, np.float32) * np.asarray(inv_sx)
+  ws = np.asarray(qw, np.float32) * np.asarray(inv_sw)
+  fake = xs @ ws
+  # Fake quantization scales every product before a float32 sum of K terms, so it may differ from the exact
+  # integer sum by up to ~K * eps32 * sum|terms| (cancellation makes the relative error unbounded).
+  k, eps = x.shape[-1], np.finfo(np.float32).eps
+  bound = 2 * k * eps * (np.abs(xs) @ np.abs(ws))
+  assert np.all(np.abs(np.asarray(int8) - fake) <= bound), np.max(np.abs(np.asarray(int8) - fake) / bound)
+  np.testing.assert_allclose(int8, fused, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_matmul_on_integer_operands_is_exact():
+  """The fused path's bf16 forward equals the int8 path: |q_x| <= 128 and ternary weights are exact in bf16."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(16, 256)), jnp.bfloat16)
+  g, w = jnp.ones(256), jnp.asarray(rng.normal(size=(256, 32)), jnp.float32)
+  np.testing.assert_array_equal(bl.bitlinear(x, g, w, impl="fused"), bl.bitlinear(x, g, w, impl="int8"))
+
+
+def _saved_residuals(impl, capsys):
+  """The lines of `jax.ad_checkpoint.print_saved_residuals` that name an activation-sized tensor."""
+  x = jnp.ones((8, 128, 64), jnp.bfloat16)
+  g, w = jnp.ones(64), jnp.ones((64, 32))
+  capsys.readouterr()
+  print_saved_residuals(lambda x_, g_, w_: jnp.sum(bl.bitlinear(x_, g_, w_, impl=impl)), x, g, w)
+  return [line for line in capsys.readouterr().out.splitlines() if "[8,128,64]" in line]
+
+
+def test_fused_saves_only_its_inputs(capsys):
+  fused = _saved_residuals("fused", capsys)
+  vanilla = _saved_residuals("vanilla", capsys)
+  # Fused keeps the layer input and no other activation-sized tensor; vanilla also keeps the normalized and
+  # quantized activations.
+  assert len(fused) == 1 and "argument" in fused[0], fused
+  assert len(vanilla) >= 2, vanilla
+  assert sum("argument" not in line for line in vanilla) >= 1, vanilla
+
+
+def test_multi_axis_kernel_is_one_matrix(x64):
+  rng = np.random.default_rng()
+  x, g, w = rng.normal(size=(5, 16)), np.ones(16), rng.normal(size=(16, 2, 8))
+  out = bl.bitlinear(jnp.asarray(x), jnp.asarray(g), jnp.asarray(w))
+  ref = np_reference(x, g, w.reshape(16, 16))[0].reshape(5, 2, 8)
+  np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_impl_is_an_error():
+  with pytest.raises(ValueError, match="unknown BitLinear impl"):
+    bl.bitlinear(jnp.ones((1, 4)), jnp.ones(4), jnp.ones((4, 2)), impl="fp8")
