@@ -215,6 +215,12 @@ def render(records: list[dict], mfu: float) -> str:
         hours = COMPUTE / (peak * mfu) / 3600
         out.append(f"| {preset} | {gen} | {best['num_slices']} x {best['topology']} ({best['accelerator_type']}) | "
                    f"{best['chips']} | {best['grad_accum']} | {_mem(best)} | yes | {days:,.0f} | {hours:,.0f} |")
+  out += ["", f"| TPU | peak bf16 FLOP/s per chip | chip-hours for 1e23 FLOPs at {mfu:.1%} MFU | days on 256 chips | "
+          "days on 1024 chips |", "|" + "---|" * 5]
+  for gen in GENERATIONS:
+    peak = aot.CHIPS[gen].peak_flops
+    hours = COMPUTE / (peak * mfu) / 3600
+    out.append(f"| {gen} | {peak / 1e12:.0f}e12 | {hours:,.0f} | {hours / 24 / 256:.1f} | {hours / 24 / 1024:.1f} |")
   return "\n".join(out)
 
 
