@@ -32,6 +32,7 @@ class ModelConfig:
   bitlinear: str = "fused"
   attention_impl: str = "xla"
   remat: str = "full"
+  loss_chunk: int = 0  # > 0: head + cross-entropy over this many positions at a time (models/head_loss.py)
 
   def __post_init__(self):
     from mmfree_jax.layers import bitlinear, recurrence  # pylint: disable=g-import-not-at-top
@@ -42,6 +43,7 @@ class ModelConfig:
         (self.remat in REMAT, f"model.remat={self.remat!r}: expected one of {REMAT}"),
         (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}: expected xla or cudnn"),
         (min(self.vocab_size, self.d_model, self.n_layers, self.scan_chunk) > 0, "model sizes must be positive"),
+        (self.loss_chunk >= 0, f"model.loss_chunk={self.loss_chunk}: expected 0 (whole rows) or a positive length"),
         (self.arch != "transformer" or self.d_model % self.n_heads == 0,
          f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"),
         (self.arch != "transformer" or (self.d_model // self.n_heads) % 2 == 0, "RoPE needs an even head dim"),

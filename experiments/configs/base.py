@@ -44,6 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.bitlinear = "fused"  # fused (recompute norm + quantization in backward) | vanilla (autodiff) | int8
   m.attention_impl = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   m.remat = "full"  # none | full | save_dots | save_proj (policy of nn.remat around each block)
+  m.loss_chunk = 0  # > 0: LM head + cross-entropy over this many positions at a time (less memory, 1 more head fwd)
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded (the Python standard library's source, byte tokens) | shards

@@ -11,6 +11,7 @@ from mmfree_jax.layers.mlgru import MLGRU
 from mmfree_jax.layers.norm import RMSNorm
 from mmfree_jax.layers.recurrence import resets_from_segments
 from mmfree_jax.model_config import ModelConfig
+from mmfree_jax.models.head_loss import LOGITS, head_loss
 from mmfree_jax.models.stack import scanned
 
 ACT = ("act_batch", "act_length", "act_embed")
@@ -41,11 +42,14 @@ class HGRNBitLM(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, state=None, return_state=False):
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, state=None, return_state=False,
+               targets_BT=None, weights_BT=None):
     """Logits [B, T, V] (compute dtype); with `return_state`, also the recurrent state [L, B, D] float32.
 
     `state` is the state before the first token (as returned by an earlier call); `segment_ids` reset the
     state at document starts inside a row. MatMul-free LM has no positional encoding: `positions` is unused.
+    With `targets` (and `weights`), the sum of the weighted token cross-entropies instead of the logits
+    (`models.head_loss`: over `cfg.loss_chunk` positions at a time).
     """
     del positions_BT
     cfg = self.cfg
@@ -59,8 +63,12 @@ class HGRNBitLM(nn.Module):
     layers = scanned(HGRNBitBlock, cfg, in_axes=(0, nn.broadcast), name="layers")
     x, h_last = layers(x, (layer_lower_bounds(lower_bounds), state), resets)
     x = RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="norm")(x)
-    logits = BitLinear(cfg.vocab_size, axes=("embed", "vocab"), kernel_init=nn.initializers.normal(0.02),
-                       eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype,
-                       param_dtype=cfg.weight_dtype, name="lm_head")(x)
-    logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+    head = BitLinear(cfg.vocab_size, axes=("embed", "vocab"), kernel_init=nn.initializers.normal(0.02),
+                     eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.weight_dtype, name="lm_head")
+    if targets_BT is not None:
+      weights_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT
+      loss = head_loss(head, lambda m, v: m(v), x, targets_BT, weights_BT, cfg.loss_chunk)
+      return (loss, h_last) if return_state else loss
+    logits = nn.with_logical_constraint(head(x), LOGITS)
     return (logits, h_last) if return_state else logits

@@ -8,6 +8,7 @@ from mmfree_jax.layers.dense import Dense
 from mmfree_jax.layers.glu import SwiGLU
 from mmfree_jax.layers.norm import RMSNorm
 from mmfree_jax.model_config import ModelConfig
+from mmfree_jax.models.head_loss import LOGITS, head_loss
 from mmfree_jax.models.stack import scanned
 
 ACT = ("act_batch", "act_length", "act_embed")
@@ -30,8 +31,13 @@ class TransformerLM(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, state=None, return_state=False):
-    """Logits [B, T, V] in the compute dtype. Positions default to 0..T-1 (RoPE)."""
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, state=None, return_state=False,
+               targets_BT=None, weights_BT=None):
+    """Logits [B, T, V] in the compute dtype. Positions default to 0..T-1 (RoPE).
+
+    With `targets` (and `weights`), the sum of the weighted token cross-entropies instead of the logits
+    (`models.head_loss`: over `cfg.loss_chunk` positions at a time).
+    """
     cfg = self.cfg
     if state is not None or return_state:
       raise NotImplementedError("Transformer++ decoding uses the KV cache of mmfree_jax.inference")
@@ -45,8 +51,12 @@ class TransformerLM(nn.Module):
     x, _ = layers(x, positions_BT, segment_ids_BT)
     x = RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="norm")(x)
     if cfg.tie_embeddings:
-      logits = embed.attend(x)
+      head, apply = embed, lambda m, v: m.attend(v)
     else:
-      logits = Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                     name="lm_head")(x)
-    return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+      head = Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                   name="lm_head")
+      apply = lambda m, v: m(v)
+    if targets_BT is not None:
+      weights_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT
+      return head_loss(head, apply, x, targets_BT, weights_BT, cfg.loss_chunk)
+    return nn.with_logical_constraint(apply(head, x), LOGITS)

@@ -25,11 +25,9 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
 
 def loss_sums(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
   """(sum of token cross-entropies in float32, number of weighted tokens) for one (micro-)batch."""
-  logits = model.apply(params, batch["inputs"], batch["segment_ids"], batch["positions"])
-  acc = jnp.promote_types(logits.dtype, jnp.float32)  # float32, or float64 for float64 models
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(acc), batch["targets"])
-  w = batch["weights"].astype(acc)
-  return jnp.sum(losses * w), jnp.sum(w)
+  loss = model.apply(params, batch["inputs"], batch["segment_ids"], batch["positions"],
+                     targets_BT=batch["targets"], weights_BT=batch["weights"])
+  return loss, jnp.sum(batch["weights"].astype(loss.dtype))
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
