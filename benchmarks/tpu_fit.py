@@ -2,6 +2,7 @@
 
   python -m benchmarks.tpu_fit                 # the paper's presets on v5e, v5p and v6e
   python -m benchmarks.tpu_fit --large         # the 13b and 70b presets on v5p and v6e, then two slices
+  python -m benchmarks.tpu_fit --loss_chunk    # the presets again with the LM-head loss in chunks of 256
   python -m benchmarks.tpu_fit --table         # print docs/tpu.md's tables from the results
   python -m benchmarks.tpu_fit --table --write docs/tpu.md   # or put them into docs/tpu.md
 
@@ -16,7 +17,8 @@ Search per (preset, generation): chip counts 4, 8, 16, ... (the usual power-of-t
 candidate is the smallest whose HBM holds the parameters and both Adam moments (12 bytes per parameter,
 the arguments no layout avoids), then doubling until the compiler says it fits. Large presets: the same
 search with gradient accumulation such that each chip holds one row of a micro-batch, then the same
-slice doubled as two slices (multislice, data axis over the data-center network).
+slice doubled as two slices (multislice, data axis over the data-center network). `--loss_chunk`: the
+presets' search again with `--config.model.loss_chunk=256` (no whole-row logits; the table's last column).
 """
 
 import argparse
@@ -42,6 +44,7 @@ LARGE_GENERATIONS = ("v5p", "v6e")
 MAX_CHIPS = 256  # one slice of v5e / v6e; the presets' 256 rows also cap data parallelism here
 TIMEOUT_S = 900
 REMAT = "full"
+LOSS_CHUNK = 256  # the second search: LM head + loss over 256 positions at a time (models/head_loss.py)
 TRAIN_STEP = pathlib.Path(__file__).parent / "results" / "train_step.jsonl"
 
 
@@ -49,13 +52,16 @@ def config_arg(preset: str, arch: str) -> str:
   return f"experiments/configs/{preset}.py" + (f":{arch}" if arch else "")
 
 
-def command(preset: str, arch: str, topology: str, num_slices: int = 1, grad_accum: int = 1) -> list[str]:
+def command(preset: str, arch: str, topology: str, num_slices: int = 1, grad_accum: int = 1,
+            loss_chunk: int = 0) -> list[str]:
   cmd = [sys.executable, "-m", "experiments.compile_tpu", f"--config={config_arg(preset, arch)}",
          f"--topology={topology}", "--fsdp", "--json", f"--config.model.remat={REMAT}"]
   if num_slices > 1:
     cmd.append(f"--num_slices={num_slices}")
   if grad_accum > 1:
     cmd.append(f"--config.train.grad_accum={grad_accum}")
+  if loss_chunk:
+    cmd.append(f"--config.model.loss_chunk={loss_chunk}")
   return cmd
 
 
@@ -73,6 +79,7 @@ def load() -> dict[str, dict]:
         continue
       if rec.get("arch") == "hgrn_bit":  # the compile report's name of the family
         rec["arch"] = "mmfree"
+      rec.setdefault("loss_chunk", 0)
       out[rec["command"]] = rec
   return out
 
@@ -124,14 +131,16 @@ def first_candidate(params: int, gen: str, min_chips: int = 4) -> int:
   return max(min_chips, 2 ** math.ceil(math.log2(max(need, 1))))
 
 
-def search(preset: str, arch: str, gen: str, done: dict, accum_rows: int | None = None) -> dict | None:
+def search(preset: str, arch: str, gen: str, done: dict, accum_rows: int | None = None,
+           loss_chunk: int = 0) -> dict | None:
   """The first fitting record over doubling chip counts (None if none up to MAX_CHIPS)."""
   cfg = _config(preset, arch)
   chips = first_candidate(flops.param_counts(cfg.model)["params"], gen)
   while chips <= MAX_CHIPS:
     accum = 1 if accum_rows is None else max(1, cfg.train.global_batch // (chips * accum_rows))
-    rec = run(command(preset, arch, topology(gen, chips), grad_accum=accum), done, preset=preset,
-              arch=arch or "mmfree", generation=gen, slice_chips=chips, num_slices=1)
+    rec = run(command(preset, arch, topology(gen, chips), grad_accum=accum, loss_chunk=loss_chunk), done,
+              preset=preset, arch=arch or "mmfree", generation=gen, slice_chips=chips, num_slices=1,
+              loss_chunk=loss_chunk)
     if rec.get("fits"):
       return rec
     if "memory" not in rec:
@@ -185,28 +194,37 @@ def _tried(rows: list[dict]) -> str:
   return f"no fit up to {max(sizes)} chips" if sizes else "not measured"
 
 
+def _chunked(records: list[dict], chunk: int, **match) -> str:
+  """The table cell of the smallest fit with `model.loss_chunk=chunk`."""
+  best, rows = _best(records, loss_chunk=chunk, **match)
+  return _tried(rows) if best is None else f"{best['chips']} chips, {_mem(best)}"
+
+
 def render(records: list[dict], mfu: float) -> str:
   """docs/tpu.md's tables (markdown) from the results."""
   out = ["| preset | family | TPU | smallest slice | mesh | remat | memory per chip GiB (used / HBM) | "
-         "compiled FLOPs/step | ours | compiled/ours | compile s |", "|" + "---|" * 11]
+         "compiled FLOPs/step | ours | compiled/ours | compile s | "
+         f"with loss_chunk={LOSS_CHUNK}: smallest, GiB |", "|" + "---|" * 12]
   for preset in PRESETS:
     for arch in ("mmfree", "transformer"):
       for gen in GENERATIONS:
-        best, rows = _best(records, preset=preset, arch=arch, generation=gen, num_slices=1)
+        match = dict(preset=preset, arch=arch, generation=gen, num_slices=1)
+        best, rows = _best(records, loss_chunk=0, **match)
+        chunked = _chunked(records, LOSS_CHUNK, **match)
         if best is None:
-          out.append(f"| {preset} | {arch} | {gen} | {_tried(rows)} | | | | | | | |")
+          out.append(f"| {preset} | {arch} | {gen} | {_tried(rows)} | | | | | | | | {chunked} |")
           continue
         f, mesh = best["flops"], best["mesh"]
         out.append(f"| {preset} | {arch} | {gen} | {best['topology']} ({best['accelerator_type']}, "
                    f"{best['chips']} chips) | fsdp={mesh['fsdp']} | {best['remat']} | {_mem(best)} | "
                    f"{f['compiled_per_step']:.3e} | {f['ours_per_step']:.3e} | {f['compiled_over_ours']:.2f} | "
-                   f"{best['compile_s']:.0f} |")
+                   f"{best['compile_s']:.0f} | {chunked} |")
   out += ["", "| preset | TPU | configuration | chips | grad_accum | memory per chip GiB | fits | "
           f"days to 1e23 FLOPs at {mfu:.1%} MFU | chip-hours |", "|" + "---|" * 9]
   for preset in LARGE:
     for gen in LARGE_GENERATIONS:
       for slices in (1, 2):
-        best, rows = _best(records, preset=preset, generation=gen, num_slices=slices)
+        best, rows = _best(records, preset=preset, generation=gen, num_slices=slices, loss_chunk=0)
         if best is None:
           out.append(f"| {preset} | {gen} | {slices} slice(s): {_tried(rows)} | | | | | | |")
           continue
@@ -242,6 +260,8 @@ def main() -> None:
   p.add_argument("--write", default="", help="with --table: replace the generated block of this markdown file")
   p.add_argument("--generations", default=",".join(GENERATIONS), help="comma-separated, in search order")
   p.add_argument("--only", default="", help="comma-separated presets to search (default: all)")
+  p.add_argument("--loss_chunk", action="store_true",
+                 help=f"search with --config.model.loss_chunk={LOSS_CHUNK} (the last column of the table)")
   args = p.parse_args()
   if args.table:
     mfu, where = measured_mfu()
@@ -258,7 +278,7 @@ def main() -> None:
     for gen in args.generations.split(","):
       for preset in only or PRESETS:
         for arch in ARCHS:
-          search(preset, arch, gen, done)
+          search(preset, arch, gen, done, loss_chunk=LOSS_CHUNK if args.loss_chunk else 0)
     return
   for preset in only or LARGE:
     for gen in LARGE_GENERATIONS:

@@ -7,9 +7,9 @@ from benchmarks import tpu_fit
 GiB = 1024 ** 3
 
 
-def _record(preset, arch, gen, chips, fits, num_slices=1, grad_accum=1):
+def _record(preset, arch, gen, chips, fits, num_slices=1, grad_accum=1, loss_chunk=0):
   rec = {"preset": preset, "arch": arch, "generation": gen, "chips": chips, "slice_chips": chips,
-         "num_slices": num_slices, "fits": fits, "memory": {"hbm": 32 * GiB}}
+         "num_slices": num_slices, "fits": fits, "memory": {"hbm": 32 * GiB}, "loss_chunk": loss_chunk}
   if fits:
     rec.update(topology=f"{gen}:2x{chips // 2}", accelerator_type=f"{gen}-{chips}", grad_accum=grad_accum,
                mesh={"data": num_slices, "fsdp": chips // num_slices, "tensor": 1}, remat="full",
@@ -19,10 +19,11 @@ def _record(preset, arch, gen, chips, fits, num_slices=1, grad_accum=1):
 
 
 def test_command_states_the_remat_policy_and_extras():
-  cmd = tpu_fit.display(tpu_fit.command("1p3b", "transformer", "v6e:4x4", num_slices=2, grad_accum=8))
+  cmd = tpu_fit.display(tpu_fit.command("1p3b", "transformer", "v6e:4x4", num_slices=2, grad_accum=8,
+                                        loss_chunk=256))
   assert cmd == ("python -m experiments.compile_tpu --config=experiments/configs/1p3b.py:transformer "
                  "--topology=v6e:4x4 --fsdp --json --config.model.remat=full --num_slices=2 "
-                 "--config.train.grad_accum=8")
+                 "--config.train.grad_accum=8 --config.model.loss_chunk=256")
 
 
 def test_measured_mfu_takes_the_largest_matmul_free_model(tmp_path):
@@ -46,10 +47,13 @@ def test_measured_mfu_takes_the_largest_matmul_free_model(tmp_path):
 def test_render_reports_the_smallest_fit_and_the_search_state():
   records = [_record("370m", "mmfree", "v6e", 4, False), _record("370m", "mmfree", "v6e", 8, True),
              _record("370m", "mmfree", "v6e", 16, True), _record("370m", "mmfree", "v5e", 8, False),
-             _record("13b", "mmfree", "v6e", 16, True, grad_accum=64)]
+             _record("13b", "mmfree", "v6e", 16, True, grad_accum=64),
+             _record("370m", "mmfree", "v6e", 2, False, loss_chunk=256),
+             _record("370m", "mmfree", "v6e", 4, True, loss_chunk=256)]
   table = tpu_fit.render(records, mfu=0.5)
   line = next(l for l in table.splitlines() if l.startswith("| 370m | mmfree | v6e |"))
-  assert "8 chips" in line and "20.0 / 32" in line and "1.25" in line
+  assert "v6e:2x4 (v6e-8, 8 chips)" in line and "20.0 / 32" in line and "1.25" in line
+  assert line.endswith("| 4 chips, 20.0 / 32 |"), line
   assert "| 370m | mmfree | v5e | no fit up to 8 chips |" in table
   assert "| 370m | transformer | v5p | not measured |" in table
   # 1e23 FLOPs on 16 v6e chips at 50% MFU: 1e23 / (16 * 918e12 * 0.5) s.
