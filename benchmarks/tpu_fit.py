@@ -93,12 +93,14 @@ def run(cmd: list[str], done: dict[str, dict], **meta) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     answer = aot_answer(proc.stdout)
+    if proc.returncode < 0 and "fits" not in answer:  # killed by a signal: libtpu itself crashed
+      answer = {"fits": None, "crashed": True, "error": f"the TPU compiler crashed (signal {-proc.returncode})"}
   except subprocess.TimeoutExpired:
     answer = {"fits": None, "error": f"compilation took over {TIMEOUT_S} s"}
   rec = {"command": key, "wall_s": round(time.time() - t, 1), "commit": _commit(), **answer, **meta}
-  if answer.get("error") and "memory" not in answer:
+  if answer.get("error") and "memory" not in answer and not answer.get("crashed"):
     print(f"{key}: error: {answer['error']}", flush=True)
-    return rec  # not recorded: a failure to compile is not an answer about the fit
+    return rec  # not recorded: a failure to compile is not an answer about the fit (a crash is recorded)
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
   with RESULTS.open("a") as f:
     f.write(json.dumps(rec) + "\n")
@@ -143,7 +145,7 @@ def search(preset: str, arch: str, gen: str, done: dict, accum_rows: int | None 
               loss_chunk=loss_chunk)
     if rec.get("fits"):
       return rec
-    if "memory" not in rec:
+    if "memory" not in rec and not rec.get("crashed"):  # a crash says nothing of larger slices: go on
       return None
     chips *= 2
   return None
@@ -189,15 +191,21 @@ def _mem(r: dict) -> str:
   return f"{m['total'] / GiB:.1f} / {m['hbm'] / GiB:.0f}" if "total" in m else "-"
 
 
+def _crashes(rows: list[dict], below: float = math.inf) -> str:
+  chips = sorted({r["slice_chips"] * r["num_slices"] for r in rows if r.get("crashed")
+                  and r["slice_chips"] * r["num_slices"] < below})
+  return f" (compiler crash at {', '.join(map(str, chips))} chips)" if chips else ""
+
+
 def _tried(rows: list[dict]) -> str:
   sizes = sorted({r["chips"] for r in rows if r.get("fits") is False})
-  return f"no fit up to {max(sizes)} chips" if sizes else "not measured"
+  return (f"no fit up to {max(sizes)} chips" if sizes else "not measured") + _crashes(rows)
 
 
 def _chunked(records: list[dict], chunk: int, **match) -> str:
   """The table cell of the smallest fit with `model.loss_chunk=chunk`."""
   best, rows = _best(records, loss_chunk=chunk, **match)
-  return _tried(rows) if best is None else f"{best['chips']} chips, {_mem(best)}"
+  return _tried(rows) if best is None else f"{best['chips']} chips, {_mem(best)}" + _crashes(rows, best["chips"])
 
 
 def render(records: list[dict], mfu: float) -> str:

@@ -49,11 +49,15 @@ def test_render_reports_the_smallest_fit_and_the_search_state():
              _record("370m", "mmfree", "v6e", 16, True), _record("370m", "mmfree", "v5e", 8, False),
              _record("13b", "mmfree", "v6e", 16, True, grad_accum=64),
              _record("370m", "mmfree", "v6e", 2, False, loss_chunk=256),
-             _record("370m", "mmfree", "v6e", 4, True, loss_chunk=256)]
+             _record("370m", "mmfree", "v6e", 4, True, loss_chunk=256),
+             dict(_record("370m", "transformer", "v6e", 8, None, loss_chunk=256), crashed=True, memory={}),
+             _record("370m", "transformer", "v6e", 16, True, loss_chunk=256)]
   table = tpu_fit.render(records, mfu=0.5)
   line = next(l for l in table.splitlines() if l.startswith("| 370m | mmfree | v6e |"))
   assert "v6e:2x4 (v6e-8, 8 chips)" in line and "20.0 / 32" in line and "1.25" in line
   assert line.endswith("| 4 chips, 20.0 / 32 |"), line
+  line = next(l for l in table.splitlines() if l.startswith("| 370m | transformer | v6e |"))
+  assert line.endswith("| 16 chips, 20.0 / 32 (compiler crash at 8 chips) |"), line
   assert "| 370m | mmfree | v5e | no fit up to 8 chips |" in table
   assert "| 370m | transformer | v5p | not measured |" in table
   # 1e23 FLOPs on 16 v6e chips at 50% MFU: 1e23 / (16 * 918e12 * 0.5) s.
