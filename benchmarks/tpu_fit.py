@@ -93,7 +93,7 @@ def run(cmd: list[str], done: dict[str, dict], **meta) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     answer = aot_answer(proc.stdout)
-    if proc.returncode < 0 and "fits" not in answer:  # killed by a signal: libtpu itself crashed
+    if proc.returncode < 0 and "memory" not in answer:  # killed by a signal: libtpu itself crashed
       answer = {"fits": None, "crashed": True, "error": f"the TPU compiler crashed (signal {-proc.returncode})"}
   except subprocess.TimeoutExpired:
     answer = {"fits": None, "error": f"compilation took over {TIMEOUT_S} s"}
