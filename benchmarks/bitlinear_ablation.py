@@ -54,10 +54,11 @@ def main(argv):
     if not f.compile_only:
       raise app.UsageError("--topology needs --compile_only")
     sharding = jax.sharding.SingleDeviceSharding(aot.topology_devices(aot.parse_topology(f.topology))[0])
+  kind = next(iter(sharding.device_set)).device_kind if sharding else jax.devices()[0].device_kind
   rows = []
   for lb in (int(v) for v in f.log2_batches.split(",")):
     for impl in ("vanilla", "fused"):
-      row = {"device": sharding.device_set.pop().device_kind if sharding else jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": impl,
+      row = {"device": kind, "date": datetime.date.today().isoformat(), "impl": impl,
              "batch": 2 ** lb, "seq_len": f.seq_len, "width": f.width, "layers": f.layers, "jax": jax.__version__,
              "command": "python -m benchmarks.bitlinear_ablation " + " ".join(sys.argv[1:])}
       try:

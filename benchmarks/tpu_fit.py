@@ -274,7 +274,6 @@ def main() -> None:
   if args.table:
     mfu, where = measured_mfu()
     table = render(list(load().values()), mfu) + f"\n\nMFU {mfu:.1%}: the best measured ({where})."
-
     if args.write:
       write_block(pathlib.Path(args.write), table)
     else:

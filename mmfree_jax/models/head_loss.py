@@ -27,8 +27,11 @@ def token_loss_sum(logits_BTV, targets_BT, weights_BT):
 def head_loss(head: nn.Module, apply: Callable, x_BTD, targets_BT, weights_BT, chunk: int):
   """`token_loss_sum(apply(head, x), targets, weights)`, over `chunk` positions at a time when chunk > 0.
 
-  `head` is the (already named) module that owns the head's parameters, `apply(head, x)` its logits.
+  `head` is the (already named) module that owns the head's parameters, `apply(head, x)` its logits;
+  `weights` None weighs every token 1.
   """
+  if weights_BT is None:
+    weights_BT = jnp.ones(targets_BT.shape, jnp.float32)
   t = x_BTD.shape[1]
   if chunk <= 0 or chunk >= t:
     logits = nn.with_logical_constraint(apply(head, x_BTD), LOGITS)

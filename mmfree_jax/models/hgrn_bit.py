@@ -67,7 +67,6 @@ class HGRNBitLM(nn.Module):
                      eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype, name="lm_head")
     if targets_BT is not None:
-      weights_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT
       loss = head_loss(head, lambda m, v: m(v), x, targets_BT, weights_BT, cfg.loss_chunk)
       return (loss, h_last) if return_state else loss
     logits = nn.with_logical_constraint(head(x), LOGITS)

@@ -57,6 +57,5 @@ class TransformerLM(nn.Module):
                    name="lm_head")
       apply = lambda m, v: m(v)
     if targets_BT is not None:
-      weights_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT
       return head_loss(head, apply, x, targets_BT, weights_BT, cfg.loss_chunk)
     return nn.with_logical_constraint(apply(head, x), LOGITS)
