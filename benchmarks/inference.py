@@ -31,6 +31,7 @@ flags.DEFINE_integer("prompt_len", 128, "Prompt tokens of the generate measureme
 flags.DEFINE_integer("new_tokens", 128, "New tokens per measurement.")
 flags.DEFINE_integer("long_context", 2048, "Context length at which decoding is measured.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
+flags.DEFINE_bool("unroll_layers", False, "Decode with the layer loop unrolled (generation.decode_loop).")
 flags.DEFINE_string("out", "benchmarks/results/inference.jsonl", "Results file (appended).")
 
 ARCHS = ("hgrn_bit", "transformer")
@@ -121,12 +122,13 @@ def run_one(config_path: str, arch: str) -> dict:
   @jax.jit
   def decode(w, logits, cache):
     return generation.decode_loop(cfg, fam.prepare(cfg, w), logits, cache, key, -1, 0, FLAGS.new_tokens,
-                                  sampling)
+                                  sampling, unroll_layers=FLAGS.unroll_layers)
 
   out = {"model": f"{os.path.basename(config_path)[:-3]}:{arch}", "arch": arch, "d_model": cfg.d_model,
          "n_layers": cfg.n_layers, "dtype": cfg.dtype,
          "weights": f"packed ternary (2 bit) + {cfg.dtype}" if arch == "hgrn_bit" else f"{cfg.dtype} dense",
-         "batch": 1, "new_tokens": FLAGS.new_tokens}
+         "batch": 1, "new_tokens": FLAGS.new_tokens, "unroll_layers": FLAGS.unroll_layers,
+         "xla_flags": os.environ.get("XLA_FLAGS", "")}
   rng = np.random.default_rng(0)
   for name, plen in (("generate", FLAGS.prompt_len), ("long", FLAGS.long_context - FLAGS.new_tokens)):
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (1, plen)), jnp.int32)
@@ -164,7 +166,8 @@ def main(argv):
             "command": " ".join(["python", "-m", "benchmarks.inference"] + sys.argv[1:]), "versions": _versions()}
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   passthrough = [f"--prompt_len={FLAGS.prompt_len}", f"--new_tokens={FLAGS.new_tokens}",
-                 f"--long_context={FLAGS.long_context}", f"--repeats={FLAGS.repeats}"]
+                 f"--long_context={FLAGS.long_context}", f"--repeats={FLAGS.repeats}",
+                 f"--unroll_layers={FLAGS.unroll_layers}"]
   for cfg_path in FLAGS.config:
     for arch in ARCHS:
       proc = subprocess.run([sys.executable, "-m", "benchmarks.inference", f"--only={cfg_path}|{arch}"] + passthrough,

@@ -91,8 +91,10 @@ def prefill(cfg: ModelConfig, w, tokens_BP, valid_BP, max_len: int):
   return fam.logits(cfg, w, x[:, -1:])[:, 0], cache
 
 
-def decode_loop(cfg: ModelConfig, w, logits_BV, cache, key, eos_id, pad_id, max_new: int, s: Sampling):
-  """Tokens [B, max_new] (pad after a row's EOS) and the number of loop steps run."""
+def decode_loop(cfg: ModelConfig, w, logits_BV, cache, key, eos_id, pad_id, max_new: int, s: Sampling,
+                unroll_layers: bool = False):
+  """Tokens [B, max_new] (pad after a row's EOS) and the number of loop steps run. `unroll_layers` writes
+  the layer loop of each token's step out in full (no per-layer slicing of the stacked weights)."""
   fam = family(cfg)
   bsz = logits_BV.shape[0]
   tok = sample_logits(logits_BV, jax.random.fold_in(key, 0), s)
@@ -105,7 +107,7 @@ def decode_loop(cfg: ModelConfig, w, logits_BV, cache, key, eos_id, pad_id, max_
 
   def body(c):
     i, tok, cache, out, done = c
-    x, cache = fam.hidden(cfg, w, tok[:, None], None, cache)
+    x, cache = fam.hidden(cfg, w, tok[:, None], None, cache, unroll=cfg.n_layers if unroll_layers else 1)
     nxt = sample_logits(fam.logits(cfg, w, x)[:, 0], jax.random.fold_in(key, i), s)
     nxt = jnp.where(done, pad_id, nxt)
     out = lax.dynamic_update_slice(out, nxt[:, None], (jnp.int32(0), i))

@@ -56,8 +56,9 @@ def _attend(q_BTNH, k_BSNH, v_BSNH, mask_BTS):
   return jnp.einsum("BNTS,BSNH->BTNH", p, v_BSNH)
 
 
-def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict):
-  """(final-normed hidden states [B, T, d], new cache); writes slots index .. index+T-1."""
+def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict, unroll: int = 1):
+  """(final-normed hidden states [B, T, d], new cache); writes slots index .. index+T-1. `unroll`: layers
+  per iteration of the layer loop (`lax.scan`'s unroll)."""
   cdt, eps = cfg.compute_dtype, cfg.norm_eps
   bsz, t = tokens_BT.shape
   valid_BT = jnp.ones((bsz, t), bool) if valid_BT is None else valid_BT
@@ -90,7 +91,7 @@ def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict):
     return (r + _dense(hid, m["down_proj"]["kernel"]), k_all, v_all), None
 
   (x, k_all, v_all), _ = lax.scan(layer, (x, cache["k"], cache["v"]),
-                                  (w["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32)))
+                                  (w["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32)), unroll=unroll)
   new_cache = {"k": k_all, "v": v_all, "valid": kv_valid, "index": index + jnp.int32(t),
                "pos": cache["pos"] + jnp.sum(valid_BT, axis=1, dtype=jnp.int32)}
   return _norm(x, w["norm"]["scale"], eps, cdt), new_cache

@@ -59,8 +59,9 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   return r + lin(hid, m["down_proj"]), h_last
 
 
-def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict):
-  """(final-normed hidden states [B, T, d] in the compute dtype, new cache)."""
+def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict, unroll: int = 1):
+  """(final-normed hidden states [B, T, d] in the compute dtype, new cache). `unroll`: layers per iteration
+  of the layer loop (`lax.scan`'s unroll; n_layers writes the layers out in one straight program)."""
   cdt = cfg.compute_dtype
   x = jnp.take(w["embeddings"]["embedding"].astype(cdt), tokens_BT, axis=0)
   lbs = layer_lower_bounds(w["lower_bounds"])
@@ -69,7 +70,7 @@ def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict):
     p, lb, h0 = xs
     return _block(cfg, x, p, lb, h0, valid_BT)
 
-  x, h = lax.scan(layer, x, (w["layers"], lbs, cache["h"]))
+  x, h = lax.scan(layer, x, (w["layers"], lbs, cache["h"]), unroll=unroll)
   return _norm(x, w["norm"]["scale"], cfg.norm_eps, cdt), {"h": h}
 
 

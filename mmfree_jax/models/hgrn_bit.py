@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.bitlinear import BitLinear
+from mmfree_jax.layers.embed import Embed
 from mmfree_jax.layers.glu import BitGLU
 from mmfree_jax.layers.mlgru import MLGRU
 from mmfree_jax.layers.norm import RMSNorm
@@ -53,7 +54,7 @@ class HGRNBitLM(nn.Module):
     """
     del positions_BT
     cfg = self.cfg
-    x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+    x = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                  name="embeddings")(tokens_BT)
     x = nn.with_logical_constraint(x, ACT)

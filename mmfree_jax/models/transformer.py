@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from mmfree_jax.layers.attention import Attention
 from mmfree_jax.layers.dense import Dense
+from mmfree_jax.layers.embed import Embed
 from mmfree_jax.layers.glu import SwiGLU
 from mmfree_jax.layers.norm import RMSNorm
 from mmfree_jax.model_config import ModelConfig
@@ -43,7 +44,7 @@ class TransformerLM(nn.Module):
       raise NotImplementedError("Transformer++ decoding uses the KV cache of mmfree_jax.inference")
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+    embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                      name="embeddings")
     x = nn.with_logical_constraint(embed(tokens_BT), ACT)

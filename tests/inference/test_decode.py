@@ -105,3 +105,21 @@ def test_sampling_respects_top_k_and_is_seeded():
   assert set(nucleus.tolist()) == {0, 1}
   again = np.asarray(sample(logits, jax.random.key(0), s))
   np.testing.assert_array_equal(toks, again)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unrolled_layer_loop_decodes_the_same_tokens(x64, arch):
+  """`decode_loop(unroll_layers=True)` writes the layer loop out; the program's arithmetic is the same."""
+  cfg_d = tiny_cfg(arch, "float64")
+  cfg = model_config(cfg_d)
+  params = tiny_params(cfg_d, head_gain=5.0)
+  prompt = jax.random.randint(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (2, 7), 3, 97)
+  valid = jnp.ones(prompt.shape, bool)
+  fam = gen.family(cfg)
+  w = fam.prepare(cfg, params)
+  logits, cache = gen.prefill(cfg, w, prompt, valid, 7 + 9)
+  s = gen.Sampling()
+  runs = [jax.jit(lambda lg, c, u=u: gen.decode_loop(cfg, w, lg, c, jax.random.key(0), -1, 0, 9, s,
+                                                     unroll_layers=u))(logits, cache) for u in (False, True)]
+  np.testing.assert_array_equal(runs[0][0], runs[1][0])
+  assert int(runs[0][1]) == int(runs[1][1]) == 9
