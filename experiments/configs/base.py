@@ -76,6 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.on_nonfinite = "skip"  # skip (drop the update, keep going) | stop (keep the last good checkpoint, exit)
   t.sample_prompt = ""  # printed sample at the end of training ("" = none)
   t.sample_tokens = 0
+  t.sample_temperature = 0.0  # 0 = greedy; the sample is drawn with train.seed
 
   c.eval = e = ml_collections.ConfigDict()
   e.every_steps = 500

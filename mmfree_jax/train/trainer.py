@@ -230,6 +230,7 @@ def _print_sample(config, program, params) -> None:
     from mmfree_jax.inference import sample_text  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
-  text = sample_text(config, program.model, params, config.train.sample_prompt, int(config.train.sample_tokens))
+  text = sample_text(config, program.model, params, config.train.sample_prompt, int(config.train.sample_tokens),
+                     temperature=float(config.train.get("sample_temperature", 0.0)), seed=int(config.train.seed))
   print(f"sample: {config.train.sample_prompt!r} -> {text!r}", flush=True)
 

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 def reference(tmp_path_factory):
   """One uninterrupted float32 run on one device: the run every interrupted run must reproduce."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  tu.run(workdir, {"train.steps": 12})
+  proc = tu.run(workdir, {"train.steps": 12, "train.sample_tokens": 16, "train.sample_temperature": 0.8})
+  with open(os.path.join(workdir, "stdout.txt"), "w") as f:
+    f.write(proc.stdout)
   return workdir
 
 
@@ -34,6 +36,8 @@ def test_writes_metrics_checkpoints_and_summary(reference):
   assert json.load(open(os.path.join(reference, "config.json")))["model"]["d_model"] == 32
   assert max(int(d) for d in os.listdir(os.path.join(reference, "checkpoints")) if d.isdigit()) == 12
   assert os.listdir(os.path.join(reference, "tensorboard"))
+  samples = [l for l in open(os.path.join(reference, "stdout.txt")) if l.startswith("sample: 'def ' -> '")]
+  assert len(samples) == 1, "the run ends by printing one sample of train.sample_tokens tokens"
 
 
 def _assert_same_run(a: str, b: str):
