@@ -1,12 +1,14 @@
 """Token embedding whose gradient is computed without contended low-precision scatters.
 
-`jnp.take` on a table cast to bf16 differentiates into a scatter-add of bf16 rows into a bf16 table. On a GPU
-the rows of frequent tokens collide: every occurrence of a byte or word piece adds into the same row, and
-bf16 atomics are emulated with compare-and-swap loops, so the backward of the lookup serializes on real text
-(uniformly random benchmark tokens do not show it; `benchmarks/embedding_grad.py` measures both). Here the
-gradient accumulates in float32: on accelerators, for vocabularies up to `ONE_HOT_MAX_VOCAB`, as a one-hot
-product (`one_hot(ids)^T @ g`: no scatter at all, exact since the one-hot operand is 0/1); otherwise (and on
-CPUs, where the product is the slower of the two) as a float32 scatter-add. The forward pass and the parameter are those of `flax.linen.Embed`.
+`jnp.take` on a table cast to bf16 differentiates into a scatter-add of bf16 rows into a bf16 table. On real
+text the rows of frequent tokens collide (every occurrence of a byte or word piece adds into the same row) and
+on an H100 that scatter serializes: 98.7 ms for 16k byte-text ids, 52.5 ms for 32k Zipf-distributed ids of
+a 32000-token vocabulary, but 0.6 ms for as many uniformly random ids, which is all a random-token benchmark
+sees (`benchmarks/embedding_grad.py`). Here the gradient accumulates in
+float32: on accelerators, for vocabularies up to `ONE_HOT_MAX_VOCAB`, as a one-hot product
+(`one_hot(ids)^T @ g`: no scatter at all, exact since the one-hot operand is 0/1); otherwise (and on CPUs,
+where the product is the slower of the two) as a float32 scatter-add (0.12-0.3 ms on the H100 either way).
+The forward pass and the parameter are those of `flax.linen.Embed`.
 """
 
 import functools
