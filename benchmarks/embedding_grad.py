@@ -8,8 +8,8 @@ Cases (vocab, width, tokens per step, which ids):
   uniform    32000 x 1024, 32768 uniformly random ids (what the training-step benchmark feeds)
 Variants: `flax` (`jnp.take` of the table cast to bf16, as `flax.linen.Embed(dtype=bf16)`), `ours`
 (`layers.embed.lookup`: one-hot product up to 1024 ids on accelerators, else float32 scatter),
-`ours_one_hot` and `ours_scatter` (either branch forced). Median of synchronized repeats after warm-up; appends JSON lines to
-benchmarks/results/embedding_grad.jsonl.
+`ours_one_hot` and `ours_scatter` (either branch forced). Median of synchronized repeats after warm-up;
+appends JSON lines to benchmarks/results/embedding_grad.jsonl.
 """
 
 import datetime
