@@ -6,6 +6,7 @@
 Per model (each in its own process, so that peak memory is its own):
   generate   a 128-token prompt + 128 new tokens, greedy, EOS off: end-to-end new tokens/s, prefill time,
              decode tokens/s
+  profile    with --profile_top=N: device kernel time and launches per decoded token, by kernel kind
   long       decoding 128 tokens after a (2048 - 128)-token prompt: decode tokens/s at ~2048 context
   memory     peak_bytes_in_use (where the backend reports it) and, analytically, weights + state/cache bytes
 Timings are synchronized (`block_until_ready`), after a warm-up call, median of --repeats. One JSON line per
@@ -24,6 +25,8 @@ import time
 from absl import app
 from absl import flags
 
+from benchmarks import trace
+
 flags.DEFINE_multi_string("config", ["experiments/configs/370m.py", "experiments/configs/1p3b.py"],
                           "Config file(s) of the sizes to run (both families each).")
 flags.DEFINE_string("only", None, "Internal: run one 'CONFIG|ARCH' in this process.")
@@ -32,6 +35,10 @@ flags.DEFINE_integer("new_tokens", 128, "New tokens per measurement.")
 flags.DEFINE_integer("long_context", 2048, "Context length at which decoding is measured.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 flags.DEFINE_bool("unroll_layers", False, "Decode with the layer loop unrolled (generation.decode_loop).")
+flags.DEFINE_enum("ternary_product", None, ["int8", "bf16"], "MatMul-free: the instruction of the exact ternary "
+                  "product (inference.packed.PRODUCT); default: the library's.")
+flags.DEFINE_integer("profile_top", 0, "If > 0: trace one decode of the generate measurement and print this many "
+                     "kernel groups (time and launches per token).")
 flags.DEFINE_string("out", "benchmarks/results/inference.jsonl", "Results file (appended).")
 
 ARCHS = ("hgrn_bit", "transformer")
@@ -110,6 +117,8 @@ def run_one(config_path: str, arch: str) -> dict:
   cfg = ModelConfig.from_config(m)
   fam = generation.family(cfg)
   model = build_model(cfg)
+  if FLAGS.ternary_product:
+    packed.PRODUCT = FLAGS.ternary_product
   params = random_params(cfg, model)
   weights = packed.weight_bytes(params)
   sampling = generation.Sampling()
@@ -128,6 +137,7 @@ def run_one(config_path: str, arch: str) -> dict:
          "n_layers": cfg.n_layers, "dtype": cfg.dtype,
          "weights": f"packed ternary (2 bit) + {cfg.dtype}" if arch == "hgrn_bit" else f"{cfg.dtype} dense",
          "batch": 1, "new_tokens": FLAGS.new_tokens, "unroll_layers": FLAGS.unroll_layers,
+         "ternary_product": packed.PRODUCT if arch == "hgrn_bit" else None,
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   rng = np.random.default_rng(0)
   for name, plen in (("generate", FLAGS.prompt_len), ("long", FLAGS.long_context - FLAGS.new_tokens)):
@@ -137,6 +147,10 @@ def run_one(config_path: str, arch: str) -> dict:
     logits, cache = prefill(params, tokens, valid)
     t_dec = _median_time(lambda: decode(params, logits, cache), FLAGS.repeats)
     steps = int(decode(params, logits, cache)[1])
+    if FLAGS.profile_top and name == "generate":
+      with trace.Trace() as t:
+        jax.block_until_ready(decode(params, logits, cache))
+      t.print_table(per=steps, unit="token", top=FLAGS.profile_top, prefix=f"PROFILE {arch}")
     out[name] = {"prompt_len": plen, "prefill_s": t_pre, "decode_s": t_dec,
                  "decode_tokens_per_s": steps / t_dec,
                  "end_to_end_tokens_per_s": FLAGS.new_tokens / (t_pre + t_dec),
@@ -167,11 +181,13 @@ def main(argv):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   passthrough = [f"--prompt_len={FLAGS.prompt_len}", f"--new_tokens={FLAGS.new_tokens}",
                  f"--long_context={FLAGS.long_context}", f"--repeats={FLAGS.repeats}",
-                 f"--unroll_layers={FLAGS.unroll_layers}"]
+                 f"--unroll_layers={FLAGS.unroll_layers}", f"--profile_top={FLAGS.profile_top}"]
+  passthrough += [f"--ternary_product={FLAGS.ternary_product}"] if FLAGS.ternary_product else []
   for cfg_path in FLAGS.config:
     for arch in ARCHS:
       proc = subprocess.run([sys.executable, "-m", "benchmarks.inference", f"--only={cfg_path}|{arch}"] + passthrough,
                             capture_output=True, text=True, check=False)
+      print("\n".join(l for l in proc.stdout.splitlines() if l.startswith("PROFILE ")), flush=True)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if proc.returncode or not lines:
         print(f"{cfg_path} {arch}: failed\n{proc.stderr[-3000:]}", flush=True)

@@ -14,8 +14,11 @@ is four shifts and one concatenation along the input axis, done inside the compi
 idempotent: quantizing already-ternary values again keeps their signs but changes the scale to the fraction of
 non-zeros, so a packed checkpoint is never re-quantized; its `inv_sw` is used as stored.
 
-The matmul is `lax.dot_general(int8 activations, int8 ternary weights, preferred_element_type=int32)`, then one
-rescale by `1/s_x * 1/s_w`, the same arithmetic as BitLinear's `int8` implementation.
+The matmul multiplies the int8 activation codes by the ternary codes and accumulates exactly, then rescales once
+by `1/s_x * 1/s_w`, the same arithmetic as BitLinear's `int8` implementation. `PRODUCT` picks the instruction:
+`int8` is `lax.dot_general(int8, int8, preferred_element_type=int32)`; `bf16` multiplies the same codes held in
+bfloat16 (exact: |codes| <= 127) with float32 accumulation, which is exact while |sum| < 2^24 (127 * in < 2^24,
+in < 132k), so both give the same accumulators bit for bit; `bf16` reaches the GPU's float GEMM/GEMV kernels.
 """
 
 from typing import Any
@@ -30,6 +33,8 @@ from mmfree_jax.layers.bitlinear import quantize_activations, quantize_weight
 from mmfree_jax.layers.norm import rms_normalize
 
 FORMAT = "packed-ternary-v1"
+PRODUCTS = ("int8", "bf16")
+PRODUCT = "int8"  # module default of `ternary_linear(product=None)`
 
 
 def is_bitlinear(node: Any) -> bool:
@@ -95,11 +100,18 @@ def map_bitlinears(fn, tree: Any, stacked: bool = False) -> Any:
   return tree
 
 
-def ternary_linear(x, node: dict, *, eps: float = 1e-6):
-  """BitLinear of `x[..., in]` (compute dtype) with `node` in any form; output `[..., *out]` in x's dtype.
+def _accumulate(qx, q2, product: str):
+  """Exact `q_x @ q_w` over the last axis of the int8-valued `qx` and the rows of `q2` [in, out]."""
+  if product not in PRODUCTS:
+    raise ValueError(f"product={product!r}: expected one of {PRODUCTS}")
+  dims = (((qx.ndim - 1,), (0,)), ((), ()))
+  if product == "int8":
+    return lax.dot_general(qx.astype(jnp.int8), q2.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+  return lax.dot_general(qx.astype(jnp.bfloat16), q2.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32)
 
-  Latent weights are quantized here (as in training); ternary and packed weights are used as they are.
-  """
+
+def _quantized_input(x, node: dict, eps: float):
+  """(ternary int8 `[in, out]` weight, 1/s_w, int8-valued activation codes, 1/s_x) of a BitLinear."""
   acc = dtypes.accum(x.dtype)
   if "kernel" in node:
     q, inv_sw = quantize_once(node["kernel"])
@@ -109,23 +121,31 @@ def ternary_linear(x, node: dict, *, eps: float = 1e-6):
     q, inv_sw = node["q"], node["inv_sw"]
   y = rms_normalize(x, eps) * node["norm_scale"].astype(acc)
   qx, inv_sx = quantize_activations(y)
-  out_shape = q.shape[1:]
-  q2 = q.reshape(q.shape[0], -1)
-  accum = lax.dot_general(qx.astype(jnp.int8), q2, (((qx.ndim - 1,), (0,)), ((), ())),
-                          preferred_element_type=jnp.int32)
-  out = (accum.astype(acc) * (inv_sx * inv_sw.astype(acc))).astype(x.dtype)
-  return out.reshape(*out.shape[:-1], *out_shape)
+  return q.reshape(q.shape[0], -1), inv_sw, qx, inv_sx
 
 
-def int_accumulators(x, node: dict, *, eps: float = 1e-6):
-  """The int32 accumulators `q_x @ q_w` of `ternary_linear` (for exactness tests)."""
+def ternary_linear(x, node: dict, *, eps: float = 1e-6, product: str | None = None):
+  """BitLinear of `x[..., in]` (compute dtype) with `node` in any form; output `[..., *out]` in x's dtype.
+
+  Latent weights are quantized here (as in training); ternary and packed weights are used as they are.
+  `product`: `int8` or `bf16` (same result; see the module docstring), default `PRODUCT`.
+  """
   acc = dtypes.accum(x.dtype)
-  t = to_ternary(node)
-  y = rms_normalize(x, eps) * t["norm_scale"].astype(acc)
-  qx, _ = quantize_activations(y)
-  q2 = t["q"].reshape(t["q"].shape[0], -1)
-  return lax.dot_general(qx.astype(jnp.int8), q2, (((qx.ndim - 1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.int32)
+  q2, inv_sw, qx, inv_sx = _quantized_input(x, node, eps)
+  accum = _accumulate(qx, q2, product or PRODUCT)
+  out = (accum.astype(acc) * (inv_sx * inv_sw.astype(acc))).astype(x.dtype)
+  return out.reshape(*out.shape[:-1], *_out_shape(node))
+
+
+def _out_shape(node: dict) -> tuple:
+  w = node.get("kernel", node.get("q", node.get("packed")))
+  return w.shape[1:]
+
+
+def int_accumulators(x, node: dict, *, eps: float = 1e-6, product: str = "int8"):
+  """The accumulators `q_x @ q_w` of `ternary_linear` (int32 for `int8`, float32 for `bf16`; for exactness tests)."""
+  q2, _, qx, _ = _quantized_input(x, node, eps)
+  return _accumulate(qx, q2, product)
 
 
 def pack_tree(params: dict, float_dtype=jnp.bfloat16) -> dict:

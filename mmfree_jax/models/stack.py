@@ -5,11 +5,34 @@ import jax
 
 from mmfree_jax.model_config import ModelConfig
 
+
+
+def _cudnn_attention_forward():
+  """The primitive of cuDNN's fused attention forward (private to JAX; None where it is absent)."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return getattr(fused_attention_stablehlo, "_dot_product_attention_fwd_p_wrapper", None)
+
+
+def save_proj_policy():
+  """Saves every projection's output, the recurrence output and cuDNN attention's forward outputs (the output
+  and its softmax statistics, which its backward reads), so that the backward pass recomputes only
+  element-wise work: without the last, remat runs each layer's flash-attention forward a second time."""
+  names = jax.checkpoint_policies.save_only_these_names("proj", "scan")
+  attention = _cudnn_attention_forward()
+
+  def policy(prim, *args, **params):
+    return (attention is not None and prim is attention) or names(prim, *args, **params)
+
+  return policy
+
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Keep every projection's output and the recurrence output; recompute only element-wise work.
-    "save_proj": jax.checkpoint_policies.save_only_these_names("proj", "scan"),
+    "save_proj": save_proj_policy(),
 }
 
 

@@ -40,6 +40,22 @@ def test_packed_bitlinear_matches_int8_bitlinear_exactly():
   np.testing.assert_allclose(out, fused, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
+def test_bf16_product_gives_the_int8_accumulators_bit_for_bit():
+  """Codes |q_x| <= 127 and ternary weights are exact in bfloat16, float32 sums of them exact below 2^24."""
+  kx, kw = jax.random.split(jax.random.key(4))
+  n_in = 1000  # the largest |accumulator| here can reach 127 * 1000
+  x = jax.random.normal(kx, (2, 7, n_in), jnp.bfloat16)
+  node = packed.to_packed({"kernel": jax.random.normal(kw, (n_in, 96), jnp.float32), "norm_scale": jnp.ones(n_in)})
+  a8 = packed.int_accumulators(x, node, product="int8")
+  a16 = packed.int_accumulators(x, node, product="bf16")
+  assert a8.dtype == jnp.int32 and a16.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(a16), np.asarray(a8).astype(np.float32))
+  np.testing.assert_array_equal(packed.ternary_linear(x, node, product="bf16"),
+                                packed.ternary_linear(x, node, product="int8"))
+  with pytest.raises(ValueError, match="product"):
+    packed.ternary_linear(x, node, product="fp8")
+
+
 def test_quantization_is_not_idempotent_so_packed_scales_are_kept():
   kernel = jax.random.normal(jax.random.key(2), (64, 48)) * 0.02
   q, inv_sw = packed.quantize_once(kernel)

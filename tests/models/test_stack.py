@@ -1,0 +1,36 @@
+"""Remat policies change what the backward pass recomputes, never the gradients."""
+
+import jax
+import numpy as np
+import pytest
+from jax._src import ad_checkpoint
+
+from mmfree_jax.models import build_model, stack
+from mmfree_jax.train import step
+from tests.models.test_head_loss import _batch, _cfg
+
+
+@pytest.mark.parametrize("arch", ["hgrn_bit", "transformer"])
+def test_save_proj_keeps_loss_and_gradients_float64(x64, arch):
+  remat = "save_proj"  # the preset policy; the others are jax.checkpoint_policies' own
+  rng = np.random.default_rng()
+  batch = _batch(rng)
+  plain = build_model(_cfg(arch, {}, dtype="float64", param_dtype="float64"))
+  rematted = build_model(dict(_cfg(arch, {}, dtype="float64", param_dtype="float64"), remat=remat))
+  params = jax.jit(plain.init)(jax.random.key(int(rng.integers(1 << 30))), batch["inputs"])
+  grad = lambda m: jax.jit(jax.value_and_grad(lambda p: step.loss_sums(m, p, batch)[0]))(params)
+  (l0, g0), (l1, g1) = grad(plain), grad(rematted)
+  # Recomputation repeats the same float64 operations; only XLA's fusion choices may reorder a sum.
+  np.testing.assert_allclose(l1, l0, rtol=1e-12)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_save_proj_saves_named_projections_scan_and_cudnn_attention():
+  policy = stack.REMAT_POLICIES["save_proj"]
+  assert policy(ad_checkpoint.name_p, name="proj") and policy(ad_checkpoint.name_p, name="scan")
+  assert not policy(ad_checkpoint.name_p, name="logits")
+  assert not policy(jax.lax.exp_p)
+  attention = stack._cudnn_attention_forward()  # pylint: disable=protected-access
+  assert attention is not None, "this JAX has no cuDNN attention primitive to save: update stack.py"
+  assert policy(attention)
