@@ -8,7 +8,8 @@ A BitLinear appears in three forms; `ternary_linear` takes any of them:
 
 Packing: the code of a weight is `q + 1` in {0, 1, 2} (2 bits). With `n = ceil(in / 4)` and the input axis
 padded to 4n with zeros, byte `r` holds rows `r, r + n, r + 2n, r + 3n` in bits 0-1, 2-3, 4-5, 6-7, so unpacking
-is four shifts and one concatenation along the input axis, done inside the compiled step.
+is four shifts along a new leading axis of four (`codes`), done inside the compiled step where the product that
+reads them fuses them; the activations are split the same way (`[..., 4, n]`).
 
 `inv_sw = 1/s_w = max(mean|W|, 1e-5)` is kept from the quantization of the latent weight. Quantization is not
 idempotent: quantizing already-ternary values again keeps their signs but changes the scale to the fraction of
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mmfree_jax.inference import ternary_kernel
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.bitlinear import quantize_activations, quantize_weight
 from mmfree_jax.layers.norm import rms_normalize
@@ -53,7 +55,8 @@ def pack(q_in_out: jax.Array) -> jax.Array:
 
 
 def unpack(packed: jax.Array, n_in: int) -> jax.Array:
-  """uint8 `[ceil(in/4), *out]` -> ternary int8 `[in, *out]`."""
+  """uint8 `[ceil(in/4) (or more: zero-code padding rows), *out]` -> ternary int8 `[in, *out]`."""
+  packed = packed[:-(-n_in // 4)]
   parts = [((packed >> (2 * k)) & 3).astype(jnp.int8) for k in range(4)]
   return (jnp.concatenate(parts, axis=0) - 1)[:n_in].astype(jnp.int8)
 
@@ -100,27 +103,38 @@ def map_bitlinears(fn, tree: Any, stacked: bool = False) -> Any:
   return tree
 
 
-def _accumulate(qx, q2, product: str):
-  """Exact `q_x @ q_w` over the last axis of the int8-valued `qx` and the rows of `q2` [in, out]."""
+def codes(packed: jax.Array) -> jax.Array:
+  """uint8 `[n, *out]` -> ternary int8 `[4, n, out]`: row `k * n + r` of the weight is `[k, r]` (the input axis
+  split in four, no concatenation: the shifts fuse into the product that reads them)."""
+  shifts = jnp.arange(0, 8, 2, dtype=jnp.uint8).reshape(4, 1, 1)
+  p = packed.reshape(1, packed.shape[0], -1)
+  return (((p >> shifts) & 3).astype(jnp.int8) - 1).astype(jnp.int8)
+
+
+def _accumulate(qx, w, product: str):
+  """Exact `q_x @ q_w`: the last `w.ndim - 1` axes of the int8-valued `qx` against the leading axes of `w`."""
   if product not in PRODUCTS:
     raise ValueError(f"product={product!r}: expected one of {PRODUCTS}")
-  dims = (((qx.ndim - 1,), (0,)), ((), ()))
+  k = w.ndim - 1
+  dims = ((tuple(range(qx.ndim - k, qx.ndim)), tuple(range(k))), ((), ()))
   if product == "int8":
-    return lax.dot_general(qx.astype(jnp.int8), q2.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
-  return lax.dot_general(qx.astype(jnp.bfloat16), q2.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32)
+    return lax.dot_general(qx.astype(jnp.int8), w.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+  return lax.dot_general(qx.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32)
 
 
 def _quantized_input(x, node: dict, eps: float):
-  """(ternary int8 `[in, out]` weight, 1/s_w, int8-valued activation codes, 1/s_x) of a BitLinear."""
+  """(ternary weight `[in, out]` or, packed, `[4, n, out]`; 1/s_w; activation codes `[..., in]` or
+  `[..., 4, n]`; 1/s_x) of a BitLinear."""
   acc = dtypes.accum(x.dtype)
-  if "kernel" in node:
-    q, inv_sw = quantize_once(node["kernel"])
-  elif "packed" in node:
-    q, inv_sw = unpack(node["packed"], node["norm_scale"].shape[-1]), node["inv_sw"]
-  else:
-    q, inv_sw = node["q"], node["inv_sw"]
   y = rms_normalize(x, eps) * node["norm_scale"].astype(acc)
   qx, inv_sx = quantize_activations(y)
+  if "packed" in node:  # rows past ceil(in/4) (if any) hold zero codes
+    n, rows = -(-qx.shape[-1] // 4), node["packed"].shape[0]
+    lead = [(0, 0)] * (qx.ndim - 1)
+    qx = jnp.pad(qx, lead + [(0, 4 * n - qx.shape[-1])]).reshape(*qx.shape[:-1], 4, n)
+    qx = jnp.pad(qx, lead + [(0, 0), (0, rows - n)])
+    return codes(node["packed"]), node["inv_sw"], qx, inv_sx
+  q, inv_sw = quantize_once(node["kernel"]) if "kernel" in node else (node["q"], node["inv_sw"])
   return q.reshape(q.shape[0], -1), inv_sw, qx, inv_sx
 
 
@@ -130,11 +144,26 @@ def ternary_linear(x, node: dict, *, eps: float = 1e-6, product: str | None = No
   Latent weights are quantized here (as in training); ternary and packed weights are used as they are.
   `product`: `int8` or `bf16` (same result; see the module docstring), default `PRODUCT`.
   """
+  if "packed" in node and ternary_kernel.applies(x, node["packed"]):
+    return ternary_linear_group(x, jax.tree.map(lambda a: a[None], node), eps=eps)[0]
   acc = dtypes.accum(x.dtype)
   q2, inv_sw, qx, inv_sx = _quantized_input(x, node, eps)
   accum = _accumulate(qx, q2, product or PRODUCT)
   out = (accum.astype(acc) * (inv_sx * inv_sw.astype(acc))).astype(x.dtype)
   return out.reshape(*out.shape[:-1], *_out_shape(node))
+
+
+def ternary_linear_group(x, group: dict, *, eps: float = 1e-6) -> list:
+  """BitLinears that read the same `x`, stacked on a leading axis of a packed node (`packed [G, rows, *out]`,
+  `norm_scale [G, in]`, `inv_sw [G]`): G outputs `[..., *out]`, from one kernel launch where it applies."""
+  out_shape = group["packed"].shape[2:]
+  if not ternary_kernel.applies(x, group["packed"][0]):
+    return [ternary_linear(x, jax.tree.map(lambda a, g=g: a[g], group), eps=eps)
+            for g in range(group["packed"].shape[0])]
+  p = group["packed"]
+  out = ternary_kernel.ternary_matvec(x.reshape(-1, x.shape[-1]), p.reshape(*p.shape[:2], -1), group["norm_scale"],
+                                      group["inv_sw"], eps=eps)
+  return [o.astype(x.dtype).reshape(*x.shape[:-1], *out_shape) for o in out]
 
 
 def _out_shape(node: dict) -> tuple:

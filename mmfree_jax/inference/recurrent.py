@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmfree_jax.inference.packed import map_bitlinears, ternary_linear, to_ternary
+from mmfree_jax.inference import ternary_kernel
+from mmfree_jax.inference.packed import map_bitlinears, ternary_linear, ternary_linear_group, to_packed, to_ternary
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.norm import rms_normalize
 from mmfree_jax.layers.recurrence import linear_scan
@@ -21,10 +22,28 @@ from mmfree_jax.model_config import ModelConfig
 from mmfree_jax.models.hgrn_bit import layer_lower_bounds
 
 
+FIG = ("f_proj", "i_proj", "g_proj")  # the token mixer's projections of the same input
+
+
 def prepare(cfg: ModelConfig, params: dict) -> dict:
-  """Quantizes latent BitLinear weights once (int8 ternary + 1/s_w); packed weights stay packed."""
+  """Quantizes latent BitLinear weights once (int8 ternary + 1/s_w); packed weights stay packed.
+
+  Where the decode kernel runs (`ternary_kernel.enabled()`: GPUs), every BitLinear is packed instead, rows padded
+  for the kernel, and each layer's f, i and g projections are stacked into one `fig` node (one launch per token).
+  """
   del cfg
-  return map_bitlinears(lambda n, s: n if "packed" in n else to_ternary(n, s), params)
+  if not ternary_kernel.enabled():
+    return map_bitlinears(lambda n, s: n if "packed" in n else to_ternary(n, s), params)
+
+  def kernel_layout(node, stacked):
+    node = to_packed(node, stacked)
+    return dict(node, packed=ternary_kernel.pad_rows(node["packed"], axis=int(stacked)))
+
+  w = map_bitlinears(kernel_layout, params)
+  attn = dict(w["layers"]["attn"])
+  projs = [attn.pop(name) for name in FIG]
+  attn["fig"] = {k: jnp.stack([p[k] for p in projs], axis=1) for k in ("packed", "norm_scale", "inv_sw")}
+  return dict(w, layers=dict(w["layers"], attn=attn))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
@@ -41,16 +60,20 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   lin = lambda v, node: ternary_linear(v.astype(cdt), node, eps=eps)
   a = p["attn"]
   u = _norm(x, p["attn_norm"]["scale"], eps, cdt)
-  f = jax.nn.sigmoid(lin(u, a["f_proj"]).astype(acc))
+  if "fig" in a:
+    f_lin, i_lin, g_lin = ternary_linear_group(u, a["fig"], eps=eps)
+  else:
+    f_lin, i_lin, g_lin = (lin(u, a[name]) for name in FIG)
+  f = jax.nn.sigmoid(f_lin.astype(acc))
   lb = lb.astype(acc)
   f = lb + (1.0 - lb) * f
-  i = jax.nn.silu(lin(u, a["i_proj"]).astype(acc)) * (1.0 - f)
+  i = jax.nn.silu(i_lin.astype(acc)) * (1.0 - f)
   f, i = f.astype(cdt), i.astype(cdt)
   if valid_BT is not None:
     f = jnp.where(valid_BT[..., None], f, jnp.ones_like(f))
     i = jnp.where(valid_BT[..., None], i, jnp.zeros_like(i))
   h, h_last = linear_scan(f, i, h0, None, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
-  g = _norm(lin(u, a["g_proj"]), a["g_norm"]["scale"], eps, acc)
+  g = _norm(g_lin, a["g_norm"]["scale"], eps, acc)
   o = (g * jax.nn.silu(h.astype(acc))).astype(cdt)
   r = x + lin(o, a["o_proj"])
   m = p["mlp"]

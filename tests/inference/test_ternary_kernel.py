@@ -1,0 +1,74 @@
+"""The decode kernel (Pallas; interpret mode on the CPU) against the XLA BitLinear of `inference.packed`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmfree_jax.inference import generation as gen
+from mmfree_jax.inference import packed, ternary_kernel
+from mmfree_jax.layers.bitlinear import quantize_activations
+from mmfree_jax.layers.norm import rms_normalize
+from mmfree_jax.models import model_config
+from tests.inference.helpers import tiny_cfg, tiny_params
+
+
+@pytest.fixture
+def kernel_on(monkeypatch):
+  monkeypatch.setattr(ternary_kernel, "MODE", "on")
+  jax.clear_caches()  # the mode is read when a function is traced
+  yield
+  jax.clear_caches()
+
+
+def _nodes(key, k_in, n_out, groups):
+  def one(k):
+    kw, kg = jax.random.split(k)
+    return packed.to_packed({"kernel": jax.random.normal(kw, (k_in, n_out)),
+                             "norm_scale": 1 + 0.3 * jax.random.normal(kg, (k_in,))})
+  return [one(k) for k in jax.random.split(key, groups)]
+
+
+@pytest.mark.parametrize("k_in,n_out,groups,rows", [(64, 32, 1, 1), (90, 48, 3, 2), (256, 64, 2, 5)])
+def test_kernel_matches_xla_bitlinear(monkeypatch, k_in, n_out, groups, rows):
+  monkeypatch.setattr(ternary_kernel, "MODE", "off")  # the reference: XLA's BitLinear (also on a GPU)
+  kx, kw = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))))
+  x = jax.random.normal(kx, (rows, k_in), jnp.bfloat16)
+  nodes = _nodes(kw, k_in, n_out, groups)
+  stack = lambda key: jnp.stack([n[key] for n in nodes])
+  p = ternary_kernel.pad_rows(stack("packed"), axis=1)
+  assert p.shape[1] % ternary_kernel.BLOCK_K == 0 and p.shape[1] >= -(-k_in // 4)
+  got = np.asarray(ternary_kernel.ternary_matvec(x, p, stack("norm_scale"), stack("inv_sw"), eps=1e-6))
+  for g, node in enumerate(nodes):
+    ref = np.asarray(packed.ternary_linear(x.astype(jnp.float32), node))
+    # Both sum the same integer products exactly; the row statistics are float32 sums in another order, so an
+    # activation code may round the other way at a .5 tie: one code changes the output by at most
+    # 1/s_x * 1/s_w (weights are ternary). Everything else agrees to float32 rounding.
+    _, inv_sx = quantize_activations(rms_normalize(x, 1e-6) * node["norm_scale"])
+    one_code = np.asarray(inv_sx * node["inv_sw"])
+    err = np.abs(got[g] - ref)
+    assert np.all(err <= 1e-6 * np.abs(ref).max() + 1.01 * one_code)
+    assert np.mean(err <= 1e-5 * np.abs(ref).max()) > 0.95
+
+
+def test_kernel_rejects_unpadded_rows():
+  node = _nodes(jax.random.key(0), 64, 32, 1)[0]
+  with pytest.raises(ValueError, match="multiples of"):
+    ternary_kernel.ternary_matvec(jnp.ones((1, 64)), node["packed"][None], node["norm_scale"][None],
+                                  node["inv_sw"][None], eps=1e-6)
+
+
+def test_decoding_with_the_kernel_gives_the_same_tokens(kernel_on):
+  cfg_d = tiny_cfg("hgrn_bit", "float32")
+  cfg = model_config(cfg_d)
+  params = tiny_params(cfg_d, head_gain=20.0)
+  w = gen.family(cfg).prepare(cfg, params)
+  assert "fig" in w["layers"]["attn"] and w["layers"]["attn"]["fig"]["packed"].shape[1] == 3
+  step = jax.make_jaxpr(lambda w, c: gen.family(cfg).hidden(cfg, w, jnp.ones((1, 1), jnp.int32), None, c))
+  assert str(step(w, gen.family(cfg).init_cache(cfg, 1, 8))).count("pallas_call") == 4  # fig, o, gate/up, down
+  prompts = [[5, 9, 11, 3], [7, 8]]
+  with_kernel = gen.generate(cfg, packed.pack_params(params, jnp.float32), prompts, max_new_tokens=10)
+  ternary_kernel.MODE = "off"
+  jax.clear_caches()
+  without = gen.generate(cfg, packed.pack_params(params, jnp.float32), prompts, max_new_tokens=10)
+  assert with_kernel == without
