@@ -48,8 +48,8 @@ def block_n(n_out: int) -> int | None:
 def applies(x: jax.Array, packed: jax.Array) -> bool:
   """Whether `ternary_matvec` serves `x [..., K]` against `packed [rows, *out]` (kernel layout, few rows)."""
   n_out = packed.size // packed.shape[0]
-  return (enabled() and x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and x.size // x.shape[-1] <= MAX_ROWS and block_n(n_out) is not None
-          and packed.shape[0] % BLOCK_K == 0)
+  return (enabled() and x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and x.size // x.shape[-1] <= MAX_ROWS
+          and block_n(n_out) is not None and packed.shape[0] % BLOCK_K == 0)
 
 
 def pad_rows(packed: jax.Array, axis: int) -> jax.Array:
