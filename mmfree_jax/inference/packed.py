@@ -142,10 +142,11 @@ def ternary_linear(x, node: dict, *, eps: float = 1e-6, product: str | None = No
   """BitLinear of `x[..., in]` (compute dtype) with `node` in any form; output `[..., *out]` in x's dtype.
 
   Latent weights are quantized here (as in training); ternary and packed weights are used as they are.
-  `product`: `int8` or `bf16` (same result; see the module docstring), default `PRODUCT`.
+  `product`: `int8` or `bf16` (same result; see the module docstring), default `PRODUCT`. A node with a `layer`
+  entry holds the whole stack of layers `[L, ...]` and means its layer `layer` (the decode kernel's layout).
   """
-  if "packed" in node and ternary_kernel.applies(x, node["packed"]):
-    return ternary_linear_group(x, jax.tree.map(lambda a: a[None], node), eps=eps)[0]
+  if "layer" in node:
+    return ternary_linear_group(x, _as_group(node), eps=eps)[0]
   acc = dtypes.accum(x.dtype)
   q2, inv_sw, qx, inv_sx = _quantized_input(x, node, eps)
   accum = _accumulate(qx, q2, product or PRODUCT)
@@ -153,16 +154,23 @@ def ternary_linear(x, node: dict, *, eps: float = 1e-6, product: str | None = No
   return out.reshape(*out.shape[:-1], *_out_shape(node))
 
 
+def _as_group(node: dict) -> dict:
+  """A stacked single BitLinear `[L, rows, *out]` as a group of one `[L, 1, rows, *out]` (reshapes only)."""
+  return {"packed": node["packed"][:, None], "norm_scale": node["norm_scale"][:, None],
+          "inv_sw": node["inv_sw"][:, None], "layer": node["layer"]}
+
+
 def ternary_linear_group(x, group: dict, *, eps: float = 1e-6) -> list:
-  """BitLinears that read the same `x`, stacked on a leading axis of a packed node (`packed [G, rows, *out]`,
-  `norm_scale [G, in]`, `inv_sw [G]`): G outputs `[..., *out]`, from one kernel launch where it applies."""
-  out_shape = group["packed"].shape[2:]
-  if not ternary_kernel.applies(x, group["packed"][0]):
-    return [ternary_linear(x, jax.tree.map(lambda a, g=g: a[g], group), eps=eps)
-            for g in range(group["packed"].shape[0])]
-  p = group["packed"]
-  out = ternary_kernel.ternary_matvec(x.reshape(-1, x.shape[-1]), p.reshape(*p.shape[:2], -1), group["norm_scale"],
-                                      group["inv_sw"], eps=eps)
+  """BitLinears that read the same `x`, stacked on the axis after the layers': `packed [L, G, rows, *out]`,
+  `norm_scale [L, G, in]`, `inv_sw [L, G]`, and `layer`, the index into L. G outputs `[..., *out]`, from one
+  kernel launch where it applies (the whole stacks are its operands: slicing a layer out would copy it)."""
+  p, layer = group["packed"], group["layer"]
+  out_shape = p.shape[3:]
+  if not ternary_kernel.applies(x, p.shape[2:]):
+    one = {k: v[layer] for k, v in group.items() if k != "layer"}
+    return [ternary_linear(x, {k: v[g] for k, v in one.items()}, eps=eps) for g in range(p.shape[1])]
+  out = ternary_kernel.ternary_matvec(x.reshape(-1, x.shape[-1]), p.reshape(*p.shape[:3], -1), group["norm_scale"],
+                                      group["inv_sw"], jnp.reshape(layer, (1,)).astype(jnp.int32), eps=eps)
   return [o.astype(x.dtype).reshape(*x.shape[:-1], *out_shape) for o in out]
 
 

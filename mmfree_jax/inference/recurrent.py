@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmfree_jax.inference import ternary_kernel
-from mmfree_jax.inference.packed import map_bitlinears, ternary_linear, ternary_linear_group, to_packed, to_ternary
+from mmfree_jax.inference.packed import (is_bitlinear, map_bitlinears, ternary_linear, ternary_linear_group, to_packed,
+                                         to_ternary)
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.norm import rms_normalize
 from mmfree_jax.layers.recurrence import linear_scan
@@ -37,7 +38,8 @@ def prepare(cfg: ModelConfig, params: dict) -> dict:
 
   def kernel_layout(node, stacked):
     node = to_packed(node, stacked)
-    return dict(node, packed=ternary_kernel.pad_rows(node["packed"], axis=int(stacked)))
+    k_in = node["norm_scale"].shape[-1]
+    return dict(node, packed=ternary_kernel.pad_rows(node["packed"], axis=int(stacked), k_in=k_in))
 
   w = map_bitlinears(kernel_layout, params)
   attn = dict(w["layers"]["attn"])
@@ -82,6 +84,16 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   return r + lin(hid, m["down_proj"]), h_last
 
 
+def _with_bitlinears(full: dict, rest: dict, index):
+  """`rest` (one layer's slice, BitLinears removed) with each BitLinear of `full` as its whole stacked node plus
+  `layer=index` (see `packed.ternary_linear`)."""
+  if is_bitlinear(full):
+    return dict(full, layer=index)
+  if isinstance(full, dict):
+    return {k: _with_bitlinears(v, rest[k], index) for k, v in full.items()}
+  return rest
+
+
 def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict, unroll: int = 1):
   """(final-normed hidden states [B, T, d] in the compute dtype, new cache). `unroll`: layers per iteration
   of the layer loop (`lax.scan`'s unroll; n_layers writes the layers out in one straight program)."""
@@ -89,16 +101,28 @@ def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict, unroll: 
   x = jnp.take(w["embeddings"]["embedding"].astype(cdt), tokens_BT, axis=0)
   lbs = layer_lower_bounds(w["lower_bounds"])
 
+  layers = w["layers"]
+  # Kernel layout: BitLinears are not sliced per layer (a kernel's operand slice would be a copy per token);
+  # each gets the whole stacked weights and the layer's index, and the kernel reads its layer in place.
+  whole = "fig" in layers["attn"]
+  rest = map_bitlinears(lambda n, s: None, layers) if whole else layers
+
   def layer(x, xs):
-    p, lb, h0 = xs
+    p, lb, h0, index = xs
+    if whole:
+      p = _with_bitlinears(layers, p, index)
     return _block(cfg, x, p, lb, h0, valid_BT)
 
-  x, h = lax.scan(layer, x, (w["layers"], lbs, cache["h"]), unroll=unroll)
+  xs = (rest, lbs, cache["h"], jnp.arange(cfg.n_layers, dtype=jnp.int32))
+  x, h = lax.scan(layer, x, xs, unroll=unroll)
   return _norm(x, w["norm"]["scale"], cfg.norm_eps, cdt), {"h": h}
 
 
 def logits(cfg: ModelConfig, w: dict, x_BTD):
-  return ternary_linear(x_BTD.astype(cfg.compute_dtype), w["lm_head"], eps=cfg.norm_eps)
+  head = w["lm_head"]
+  if "fig" in w["layers"]["attn"]:  # kernel layout: the head as a stack of one layer
+    head = {k: v[None] for k, v in head.items()} | {"layer": jnp.zeros((), jnp.int32)}
+  return ternary_linear(x_BTD.astype(cfg.compute_dtype), head, eps=cfg.norm_eps)
 
 
 def state_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:

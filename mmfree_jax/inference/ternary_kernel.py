@@ -9,8 +9,10 @@ BitLinears that read the same input (the token mixer's f, i and g projections) i
 
 Layout: `packed [G, rows, N]` uint8, the export format of `inference.packed` (byte `r` holds input rows
 `r, r + n, r + 2n, r + 3n` with `n = ceil(K / 4)`), with rows padded past `n` by zero codes (byte 0b01010101) to
-a multiple of `BLOCK_K`; `norm_scale [G, K]`, `inv_sw [G]`. Grid: (G, M, N / block_n); each program streams its
-`rows x block_n` bytes in `BLOCK_K`-row chunks and accumulates in float32 (exact: integer sums below 2^24).
+a power of two (`pad_rows`); `norm_scale [G, K]`, `inv_sw [G]`. Grid: (G, M, N / block_n). Each program gathers
+its row of x in the four segments of that layout, computes the row statistics, and multiplies by its
+`rows x block_n` bytes in one pass (no loop: every load is issued at once), accumulating in float32 (exact:
+integer sums below 2^24).
 
 The row statistics are computed in the kernel with the reference's formulas; their float32 reduction order
 differs from XLA's, so an activation code can differ by one where `y * s_x` falls within rounding of a .5 tie.
@@ -18,17 +20,17 @@ Parity with `packed.ternary_linear` is tested on the CPU in interpret mode.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mmfree_jax.layers.bitlinear import round_half_away
 
-BLOCK_K = 64  # packed rows per step of the inner loop (four times as many input features)
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
+BLOCK_ELEMS = 16384  # packed bytes per program: rows x block_n
 ZERO_BYTE = 0b01010101  # four zero codes
 MODES = ("auto", "on", "off")
 MODE = "auto"  # auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never
@@ -40,85 +42,78 @@ def enabled() -> bool:
   return MODE == "on" or (MODE == "auto" and jax.default_backend() == "gpu")
 
 
-def block_n(n_out: int) -> int | None:
-  """Output columns per program: the largest of 64, 32, 16 that divides `n_out` (None: no kernel)."""
-  return next((b for b in (64, 32, 16) if n_out % b == 0), None)
+def padded_rows(k_in: int) -> int:
+  """Packed rows the kernel reads for `k_in` inputs: ceil(k_in / 4) rounded up to a power of two."""
+  n = -(-k_in // 4)
+  return 1 << (n - 1).bit_length()
 
 
-def applies(x: jax.Array, packed: jax.Array) -> bool:
-  """Whether `ternary_matvec` serves `x [..., K]` against `packed [rows, *out]` (kernel layout, few rows)."""
-  n_out = packed.size // packed.shape[0]
+def block_n(rows: int, n_out: int) -> int | None:
+  """Output columns per program: the largest power of two <= max(16, BLOCK_ELEMS / rows) dividing `n_out`."""
+  b = max(16, min(128, BLOCK_ELEMS // rows))
+  while b >= 16 and n_out % b:
+    b //= 2
+  return b if b >= 16 else None
+
+
+def applies(x: jax.Array, packed_shape: tuple) -> bool:
+  """Whether `ternary_matvec` serves `x [..., K]` against packed weights `[rows, *out]` (few rows of x)."""
+  rows, n_out = packed_shape[0], math.prod(packed_shape[1:])
   return (enabled() and x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and x.size // x.shape[-1] <= MAX_ROWS
-          and block_n(n_out) is not None and packed.shape[0] % BLOCK_K == 0)
+          and rows == padded_rows(x.shape[-1]) and block_n(rows, n_out) is not None)
 
 
-def pad_rows(packed: jax.Array, axis: int) -> jax.Array:
-  """Packed weights with their rows (`axis`) padded by zero codes to a multiple of BLOCK_K."""
-  extra = -packed.shape[axis] % BLOCK_K
+def pad_rows(packed: jax.Array, axis: int, k_in: int) -> jax.Array:
+  """Packed weights with their rows (`axis`) padded by zero codes to `padded_rows(k_in)`."""
+  extra = padded_rows(k_in) - packed.shape[axis]
   pad = [(0, extra if a == axis else 0) for a in range(packed.ndim)]
   return jnp.pad(packed, pad, constant_values=ZERO_BYTE) if extra else packed
 
 
-def _kernel(x_ref, s_ref, w_ref, p_ref, o_ref, *, k_in: int, n: int, eps: float):
-  g, m = pl.program_id(0), pl.program_id(1)
-  chunk = 4 * BLOCK_K
-  n_chunks = -(-k_in // chunk)
-
-  def row(ref, lead, start, size, valid):
-    idx = start + jnp.arange(size)
-    return plgpu.load(ref.at[lead, pl.ds(start, size)], mask=valid(idx), other=0.0).astype(jnp.float32)
-
-  inside = lambda idx: idx < k_in
-  sumsq = lax.fori_loop(0, n_chunks, lambda c, a: a + jnp.sum(jnp.square(row(x_ref, m, c * chunk, chunk, inside))),
-                        jnp.float32(0.0))
+def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, o_ref, *, k_in: int, groups: int, rows: int, bn: int,
+            eps: float):
+  g, m, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  lg = layer_ref[0] * groups + g  # this program's matrix in the stacks
+  n = -(-k_in // 4)
+  r = jnp.arange(rows)
+  # Segment k holds inputs k*n .. k*n + n - 1 (the packing's layout), one gather each of x's row and the scale.
+  idx = [k * n + r for k in range(4)]
+  valid = [(r < n) & (i < k_in) for i in idx]
+  load = lambda ref, base, k: plgpu.load(ref.at[base + idx[k]], mask=valid[k], other=0.0).astype(jnp.float32)
+  xs = [load(x_ref, m * k_in, k) for k in range(4)]
+  ss = [load(s_ref, lg * k_in, k) for k in range(4)]
+  sumsq = sum(jnp.sum(v * v) for v in xs)
   rstd = 1.0 / jnp.sqrt(sumsq / k_in + eps)
-
-  def amax_step(c, a):
-    y = row(x_ref, m, c * chunk, chunk, inside) * rstd * row(s_ref, g, c * chunk, chunk, inside)
-    return jnp.maximum(a, jnp.max(jnp.abs(y)))
-
-  amax = lax.fori_loop(0, n_chunks, amax_step, jnp.float32(0.0))
+  ys = [v * rstd * s for v, s in zip(xs, ss)]
+  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y)) for y in ys])
   scale = 127.0 / jnp.maximum(amax, 1e-5)
-
-  def step(i, acc):
-    codes = p_ref[pl.ds(i * BLOCK_K, BLOCK_K), :].astype(jnp.int32)  # [BLOCK_K, block_n]
-    for k in range(4):
-      start = k * n + i * BLOCK_K
-      valid = lambda idx, k=k, start=start: (idx - k * n < n) & (idx < k_in)
-      y = row(x_ref, m, start, BLOCK_K, valid) * rstd * row(s_ref, g, start, BLOCK_K, valid)
-      q = jnp.clip(round_half_away(y * scale), -128.0, 127.0)
-      w = (((codes >> (2 * k)) & 3) - 1).astype(jnp.float32)
-      acc = acc + jnp.sum(q[:, None] * w, axis=0)
-    return acc
-
-  rows = p_ref.shape[0]
-  acc = lax.fori_loop(0, rows // BLOCK_K, step, jnp.zeros((p_ref.shape[1],), jnp.float32))
-  o_ref[...] = acc * ((1.0 / scale) * w_ref[0])  # the grouping of packed.ternary_linear
+  codes = p_ref[layer_ref[0], g, :, pl.ds(j * bn, bn)].astype(jnp.int32)  # [rows, bn]
+  acc = jnp.zeros((bn,), jnp.float32)
+  for k, y in enumerate(ys):
+    q = jnp.clip(round_half_away(y * scale), -128.0, 127.0)
+    w = (((codes >> (2 * k)) & 3) - 1).astype(jnp.float32)
+    acc = acc + jnp.sum(q[:, None] * w, axis=0)
+  o_ref[...] = acc * ((1.0 / scale) * w_ref[lg])  # the grouping of packed.ternary_linear
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))
-def ternary_matvec(x, packed, norm_scale, inv_sw, *, eps: float):
-  """`x [M, K]`, `packed [G, rows, N]` (rows padded, see the module docstring), `norm_scale [G, K]`,
-  `inv_sw [G]` -> `[G, M, N]` float32."""
+def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float):
+  """`x [M, K]` against layer `layer` (int32 `[1]`) of the stacks `packed [L, G, rows, N]` (rows padded, see the
+  module docstring), `norm_scale [L, G, K]`, `inv_sw [L, G]` -> `[G, M, N]` float32. The stacks are operands
+  whole, so that no slice of them is copied per call."""
   m_rows, k_in = x.shape
-  groups, rows, n_out = packed.shape
-  n = -(-k_in // 4)
-  bn = block_n(n_out)
-  if bn is None or rows % BLOCK_K or rows < n:
-    raise ValueError(f"ternary_matvec: packed {packed.shape} for {k_in} inputs: rows must cover ceil(K/4)={n} in "
-                     f"multiples of {BLOCK_K}, and N must be a multiple of 16")
-  kernel = functools.partial(_kernel, k_in=k_in, n=n, eps=eps)
+  _, groups, rows, n_out = packed.shape
+  bn = block_n(rows, n_out)
+  if bn is None or rows != padded_rows(k_in):
+    raise ValueError(f"ternary_matvec: packed {packed.shape} for {k_in} inputs: expected {padded_rows(k_in)} rows "
+                     "(pad_rows) and N a multiple of 16")
+  kernel = functools.partial(_kernel, k_in=k_in, groups=groups, rows=rows, bn=bn, eps=eps)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((groups, m_rows, n_out), jnp.float32),
       grid=(groups, m_rows, n_out // bn),
-      in_specs=[
-          pl.BlockSpec(),  # whole x: each program reads its row in chunks
-          pl.BlockSpec(),
-          pl.BlockSpec((1,), lambda g, m, j: (g,)),
-          pl.BlockSpec((None, rows, bn), lambda g, m, j: (g, 0, j)),
-      ],
+      in_specs=[pl.BlockSpec()] * 5,  # whole arrays: programs index their layer, group, row and columns
       out_specs=pl.BlockSpec((None, None, bn), lambda g, m, j: (g, m, j)),
       interpret=jax.default_backend() != "gpu",
       name="ternary_matvec",
-  )(x, norm_scale.astype(jnp.float32), inv_sw.astype(jnp.float32), packed)
+  )(layer, x.reshape(-1), norm_scale.astype(jnp.float32).reshape(-1), inv_sw.astype(jnp.float32).reshape(-1), packed)

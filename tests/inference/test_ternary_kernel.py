@@ -36,9 +36,12 @@ def test_kernel_matches_xla_bitlinear(monkeypatch, k_in, n_out, groups, rows):
   x = jax.random.normal(kx, (rows, k_in), jnp.bfloat16)
   nodes = _nodes(kw, k_in, n_out, groups)
   stack = lambda key: jnp.stack([n[key] for n in nodes])
-  p = ternary_kernel.pad_rows(stack("packed"), axis=1)
-  assert p.shape[1] % ternary_kernel.BLOCK_K == 0 and p.shape[1] >= -(-k_in // 4)
-  got = np.asarray(ternary_kernel.ternary_matvec(x, p, stack("norm_scale"), stack("inv_sw"), eps=1e-6))
+  p = ternary_kernel.pad_rows(stack("packed"), axis=1, k_in=k_in)
+  assert p.shape[1] == ternary_kernel.padded_rows(k_in) >= -(-k_in // 4)
+  # The operands are stacks over layers; the kernel reads layer 1 of 2 (layer 0: other weights, scales 0).
+  two = lambda a: jnp.stack([jnp.zeros_like(a) if a.dtype != jnp.uint8 else a[::-1], a])
+  got = np.asarray(ternary_kernel.ternary_matvec(x, two(p), two(stack("norm_scale")), two(stack("inv_sw")),
+                                                 jnp.ones((1,), jnp.int32), eps=1e-6))
   for g, node in enumerate(nodes):
     ref = np.asarray(packed.ternary_linear(x.astype(jnp.float32), node))
     # Both sum the same integer products exactly; the row statistics are float32 sums in another order, so an
@@ -52,23 +55,42 @@ def test_kernel_matches_xla_bitlinear(monkeypatch, k_in, n_out, groups, rows):
 
 
 def test_kernel_rejects_unpadded_rows():
-  node = _nodes(jax.random.key(0), 64, 32, 1)[0]
-  with pytest.raises(ValueError, match="multiples of"):
-    ternary_kernel.ternary_matvec(jnp.ones((1, 64)), node["packed"][None], node["norm_scale"][None],
-                                  node["inv_sw"][None], eps=1e-6)
+  node = _nodes(jax.random.key(0), 90, 32, 1)[0]  # 23 packed rows; the kernel reads 32
+  with pytest.raises(ValueError, match="pad_rows"):
+    ternary_kernel.ternary_matvec(jnp.ones((1, 90)), node["packed"][None, None], node["norm_scale"][None, None],
+                                  node["inv_sw"][None, None], jnp.zeros((1,), jnp.int32), eps=1e-6)
 
 
-def test_decoding_with_the_kernel_gives_the_same_tokens(kernel_on):
+def test_decoding_with_the_kernel_matches_xla(kernel_on):
   cfg_d = tiny_cfg("hgrn_bit", "float32")
   cfg = model_config(cfg_d)
-  params = tiny_params(cfg_d, head_gain=20.0)
-  w = gen.family(cfg).prepare(cfg, params)
+  params = packed.pack_params(tiny_params(cfg_d, head_gain=5.0), jnp.float32)
+  fam = gen.family(cfg)
+  w = fam.prepare(cfg, params)
   assert "fig" in w["layers"]["attn"] and w["layers"]["attn"]["fig"]["packed"].shape[1] == 3
-  step = jax.make_jaxpr(lambda w, c: gen.family(cfg).hidden(cfg, w, jnp.ones((1, 1), jnp.int32), None, c))
-  assert str(step(w, gen.family(cfg).init_cache(cfg, 1, 8))).count("pallas_call") == 4  # fig, o, gate/up, down
-  prompts = [[5, 9, 11, 3], [7, 8]]
-  with_kernel = gen.generate(cfg, packed.pack_params(params, jnp.float32), prompts, max_new_tokens=10)
+  step = jax.make_jaxpr(lambda w, c: fam.hidden(cfg, w, jnp.ones((1, 1), jnp.int32), None, c))
+  assert str(step(w, fam.init_cache(cfg, 1, 8))).count("pallas_call") == 4  # fig, o, gate/up, down
+  tokens = jax.random.randint(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (2, 12), 3, 97)
+
+  @jax.jit
+  def teacher_forced(params):
+    """Logits of 4-token prompts (prefill) and of 8 more tokens fed one at a time (decode)."""
+    w = fam.prepare(cfg, params)
+    first, cache = gen.prefill(cfg, w, tokens[:, :4], jnp.ones((2, 4), bool), 16)
+
+    def one(cache, tok):
+      x, cache = fam.hidden(cfg, w, tok[:, None], None, cache)
+      return cache, fam.logits(cfg, w, x)[:, 0]
+
+    _, later = jax.lax.scan(one, cache, tokens[:, 4:].T)
+    return jnp.concatenate([first[:, None], jnp.swapaxes(later, 0, 1)], axis=1)
+
+  with_kernel = np.asarray(teacher_forced(params))
   ternary_kernel.MODE = "off"
   jax.clear_caches()
-  without = gen.generate(cfg, packed.pack_params(params, jnp.float32), prompts, max_new_tokens=10)
-  assert with_kernel == without
+  without = np.asarray(teacher_forced(params))
+  # Equal to float32 rounding, except where an activation code rounds the other way at a tie (see the unit test):
+  # such a flip moves a logit by a small fraction of its range.
+  scale = np.abs(without).max()
+  np.testing.assert_allclose(with_kernel, without, atol=2e-2 * scale)
+  assert np.mean(np.abs(with_kernel - without) <= 1e-4 * scale) > 0.9
