@@ -37,6 +37,9 @@ flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 flags.DEFINE_bool("unroll_layers", False, "Decode with the layer loop unrolled (generation.decode_loop).")
 flags.DEFINE_enum("ternary_product", None, ["int8", "bf16"], "MatMul-free: the instruction of the exact ternary "
                   "product (inference.packed.PRODUCT); default: the library's.")
+flags.DEFINE_integer("kernel_block_elems", None, "MatMul-free decode kernel: ternary_kernel.BLOCK_ELEMS (default: "
+                     "the library's).")
+flags.DEFINE_integer("kernel_num_warps", None, "MatMul-free decode kernel: ternary_kernel.NUM_WARPS.")
 flags.DEFINE_integer("profile_top", 0, "If > 0: trace one decode of the generate measurement and print this many "
                      "kernel groups (time and launches per token).")
 flags.DEFINE_string("out", "benchmarks/results/inference.jsonl", "Results file (appended).")
@@ -102,7 +105,7 @@ def run_one(config_path: str, arch: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mmfree_jax.inference import generation, packed  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.inference import generation, packed, ternary_kernel  # pylint: disable=g-import-not-at-top
   from mmfree_jax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
   from mmfree_jax.models import build_model  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -119,6 +122,8 @@ def run_one(config_path: str, arch: str) -> dict:
   model = build_model(cfg)
   if FLAGS.ternary_product:
     packed.PRODUCT = FLAGS.ternary_product
+  ternary_kernel.BLOCK_ELEMS = FLAGS.kernel_block_elems or ternary_kernel.BLOCK_ELEMS
+  ternary_kernel.NUM_WARPS = FLAGS.kernel_num_warps or ternary_kernel.NUM_WARPS
   params = random_params(cfg, model)
   weights = packed.weight_bytes(params)
   sampling = generation.Sampling()
@@ -138,6 +143,8 @@ def run_one(config_path: str, arch: str) -> dict:
          "weights": f"packed ternary (2 bit) + {cfg.dtype}" if arch == "hgrn_bit" else f"{cfg.dtype} dense",
          "batch": 1, "new_tokens": FLAGS.new_tokens, "unroll_layers": FLAGS.unroll_layers,
          "ternary_product": packed.PRODUCT if arch == "hgrn_bit" else None,
+         "decode_kernel": ({"enabled": ternary_kernel.enabled(), "block_elems": ternary_kernel.BLOCK_ELEMS,
+                            "num_warps": ternary_kernel.NUM_WARPS} if arch == "hgrn_bit" else None),
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   rng = np.random.default_rng(0)
   for name, plen in (("generate", FLAGS.prompt_len), ("long", FLAGS.long_context - FLAGS.new_tokens)):
@@ -183,6 +190,8 @@ def main(argv):
                  f"--long_context={FLAGS.long_context}", f"--repeats={FLAGS.repeats}",
                  f"--unroll_layers={FLAGS.unroll_layers}", f"--profile_top={FLAGS.profile_top}"]
   passthrough += [f"--ternary_product={FLAGS.ternary_product}"] if FLAGS.ternary_product else []
+  passthrough += [f"--kernel_block_elems={FLAGS.kernel_block_elems}"] if FLAGS.kernel_block_elems else []
+  passthrough += [f"--kernel_num_warps={FLAGS.kernel_num_warps}"] if FLAGS.kernel_num_warps else []
   for cfg_path in FLAGS.config:
     for arch in ARCHS:
       proc = subprocess.run([sys.executable, "-m", "benchmarks.inference", f"--only={cfg_path}|{arch}"] + passthrough,
@@ -197,7 +206,8 @@ def main(argv):
         f.write(json.dumps(row) + "\n")
       g, l = row["generate"], row["long"]
       peak = row["peak_bytes_in_use"]
-      print(f"{row['model']:<26} gen {g['end_to_end_tokens_per_s']:8.1f} tok/s (prefill {g['prefill_s'] * 1e3:7.1f} ms, "
+      print(f"{row['model']:<26} gen {g['end_to_end_tokens_per_s']:8.1f} tok/s "
+            f"(prefill {g['prefill_s'] * 1e3:7.1f} ms, "
             f"decode {g['decode_tokens_per_s']:8.1f} tok/s)  decode@{FLAGS.long_context} "
             f"{l['decode_tokens_per_s']:8.1f} tok/s  weights {row['weight_bytes'] / 2**20:8.1f} MiB  "
             f"state {l['state_bytes'] / 2**20:8.2f} MiB  peak "

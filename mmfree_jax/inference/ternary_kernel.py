@@ -30,7 +30,8 @@ from jax.experimental.pallas import triton as plgpu
 from mmfree_jax.layers.bitlinear import round_half_away
 
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
-BLOCK_ELEMS = 16384  # packed bytes per program: rows x block_n
+BLOCK_ELEMS = 16384  # packed bytes per program: rows x block_n (tuned by benchmarks/ternary_kernel.py)
+NUM_WARPS = 4
 ZERO_BYTE = 0b01010101  # four zero codes
 MODES = ("auto", "on", "off")
 MODE = "auto"  # auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never
@@ -115,5 +116,6 @@ def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float):
       in_specs=[pl.BlockSpec()] * 5,  # whole arrays: programs index their layer, group, row and columns
       out_specs=pl.BlockSpec((None, None, bn), lambda g, m, j: (g, m, j)),
       interpret=jax.default_backend() != "gpu",
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
       name="ternary_matvec",
   )(layer, x.reshape(-1), norm_scale.astype(jnp.float32).reshape(-1), inv_sw.astype(jnp.float32).reshape(-1), packed)
