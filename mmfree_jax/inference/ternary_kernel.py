@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 from mmfree_jax.layers.bitlinear import round_half_away
 
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
-BLOCK_ELEMS = 16384  # packed bytes per program: rows x block_n (tuned by benchmarks/ternary_kernel.py)
+BLOCK_ELEMS = 4096  # packed bytes per program: rows x block_n (H100: see benchmarks/README.md)
 NUM_WARPS = 4
 ZERO_BYTE = 0b01010101  # four zero codes
 MODES = ("auto", "on", "off")
