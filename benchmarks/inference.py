@@ -37,6 +37,7 @@ flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 flags.DEFINE_bool("unroll_layers", False, "Decode with the layer loop unrolled (generation.decode_loop).")
 flags.DEFINE_enum("ternary_product", None, ["int8", "bf16"], "MatMul-free: the instruction of the exact ternary "
                   "product (inference.packed.PRODUCT); default: the library's.")
+flags.DEFINE_bool("decode_kernel", False, "MatMul-free: decode with the Pallas kernel (ternary_kernel.MODE=auto).")
 flags.DEFINE_integer("kernel_block_elems", None, "MatMul-free decode kernel: ternary_kernel.BLOCK_ELEMS (default: "
                      "the library's).")
 flags.DEFINE_integer("kernel_num_warps", None, "MatMul-free decode kernel: ternary_kernel.NUM_WARPS.")
@@ -122,6 +123,8 @@ def run_one(config_path: str, arch: str) -> dict:
   model = build_model(cfg)
   if FLAGS.ternary_product:
     packed.PRODUCT = FLAGS.ternary_product
+  if FLAGS.decode_kernel:
+    ternary_kernel.MODE = "auto"
   ternary_kernel.BLOCK_ELEMS = FLAGS.kernel_block_elems or ternary_kernel.BLOCK_ELEMS
   ternary_kernel.NUM_WARPS = FLAGS.kernel_num_warps or ternary_kernel.NUM_WARPS
   params = random_params(cfg, model)
@@ -190,6 +193,7 @@ def main(argv):
                  f"--long_context={FLAGS.long_context}", f"--repeats={FLAGS.repeats}",
                  f"--unroll_layers={FLAGS.unroll_layers}", f"--profile_top={FLAGS.profile_top}"]
   passthrough += [f"--ternary_product={FLAGS.ternary_product}"] if FLAGS.ternary_product else []
+  passthrough += [f"--decode_kernel={FLAGS.decode_kernel}"]
   passthrough += [f"--kernel_block_elems={FLAGS.kernel_block_elems}"] if FLAGS.kernel_block_elems else []
   passthrough += [f"--kernel_num_warps={FLAGS.kernel_num_warps}"] if FLAGS.kernel_num_warps else []
   for cfg_path in FLAGS.config:

@@ -16,7 +16,7 @@ integer sums below 2^24).
 
 The row statistics are computed in the kernel with the reference's formulas; their float32 reduction order
 differs from XLA's, so an activation code can differ by one where `y * s_x` falls within rounding of a .5 tie.
-Parity with `packed.ternary_linear` is tested on the CPU in interpret mode.
+Parity with `packed.ternary_linear` is tested on the CPU in interpret mode. Opt-in: set `MODE` (below).
 """
 
 import functools
@@ -34,7 +34,11 @@ BLOCK_ELEMS = 4096  # packed bytes per program: rows x block_n (H100: see benchm
 NUM_WARPS = 4
 ZERO_BYTE = 0b01010101  # four zero codes
 MODES = ("auto", "on", "off")
-MODE = "auto"  # auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never
+# auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never. Off by default: on the H100
+# the per-matrix parity holds at the 370M shapes in bfloat16 (benchmarks/ternary_kernel.py: 0 codes apart), but
+# the tiny float32 model's prefill + decode logits (tests/inference/test_ternary_kernel.py) did not match XLA's
+# there, while they do in interpret mode; until that is understood the kernel is opt-in.
+MODE = "off"
 
 
 def enabled() -> bool:
