@@ -109,12 +109,9 @@ def run_one(config_path: str, arch: str) -> dict:
   from mmfree_jax.inference import generation, packed, ternary_kernel  # pylint: disable=g-import-not-at-top
   from mmfree_jax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
   from mmfree_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.scaling.sweep import load_module  # pylint: disable=g-import-not-at-top
 
-  spec = importlib.util.spec_from_file_location("bench_config", config_path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config("transformer" if arch == "transformer" else None)
+  config = load_module(config_path).get_config("transformer" if arch == "transformer" else None)
   m = dict(config.model.to_dict(), remat="none")
   if jax.default_backend() != "cpu":
     m["dtype"] = "bfloat16"

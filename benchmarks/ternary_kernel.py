@@ -24,7 +24,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  import importlib.util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -32,11 +31,9 @@ def main(argv):
   from mmfree_jax.layers.bitlinear import quantize_activations  # pylint: disable=g-import-not-at-top
   from mmfree_jax.layers.norm import rms_normalize  # pylint: disable=g-import-not-at-top
   from mmfree_jax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.scaling.sweep import load_module  # pylint: disable=g-import-not-at-top
 
-  spec = importlib.util.spec_from_file_location("cfg", FLAGS.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  m = ModelConfig.from_config(mod.get_config().model)
+  m = ModelConfig.from_config(load_module(FLAGS.config).get_config().model)
   d, ff, vocab = m.d_model, m.ff, m.vocab_size
   shapes = [("fig", d, d, 3, 1, jnp.bfloat16), ("o", d, d, 1, 1, jnp.bfloat16),
             ("gate_up", d, 2 * ff, 1, 1, jnp.bfloat16), ("down", ff, d, 1, 1, jnp.bfloat16),
@@ -62,7 +59,8 @@ def main(argv):
           return acc + sum(o.reshape(o.shape[0], -1)[:1, :1].astype(jnp.float32) for o in outs) * 0
         return jax.lax.fori_loop(0, FLAGS.calls, body, jnp.zeros((1, 1), jnp.float32))
 
-      one = jax.jit(lambda x, group: jnp.stack([o.reshape(len(x), -1) for o in packed.ternary_linear_group(x, group)]))
+      one = jax.jit(lambda x, group: jnp.stack([o.reshape(len(x), -1)
+                                                for o in packed.ternary_linear_group(x, group)]))
       out = np.asarray(one(x, group), np.float32)
       jax.block_until_ready(loop(x, group))
       times = []

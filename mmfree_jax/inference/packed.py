@@ -54,11 +54,18 @@ def pack(q_in_out: jax.Array) -> jax.Array:
   return (parts[0] | parts[1] | parts[2] | parts[3]).astype(jnp.uint8)
 
 
+def codes(packed: jax.Array) -> jax.Array:
+  """uint8 `[n, *out]` -> ternary int8 `[4, n, out]`: row `k * n + r` of the weight is `[k, r]` (the input axis
+  split in four, no concatenation: the shifts fuse into the product that reads them)."""
+  shifts = jnp.arange(0, 8, 2, dtype=jnp.uint8).reshape(4, 1, 1)
+  p = packed.reshape(1, packed.shape[0], -1)
+  return (((p >> shifts) & 3).astype(jnp.int8) - 1).astype(jnp.int8)
+
+
 def unpack(packed: jax.Array, n_in: int) -> jax.Array:
   """uint8 `[ceil(in/4) (or more: zero-code padding rows), *out]` -> ternary int8 `[in, *out]`."""
-  packed = packed[:-(-n_in // 4)]
-  parts = [((packed >> (2 * k)) & 3).astype(jnp.int8) for k in range(4)]
-  return (jnp.concatenate(parts, axis=0) - 1)[:n_in].astype(jnp.int8)
+  n = -(-n_in // 4)
+  return codes(packed[:n]).reshape(4 * n, *packed.shape[1:])[:n_in]
 
 
 def quantize_once(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -101,14 +108,6 @@ def map_bitlinears(fn, tree: Any, stacked: bool = False) -> Any:
   if isinstance(tree, dict):
     return {k: map_bitlinears(fn, v, stacked or k == "layers") for k, v in tree.items()}
   return tree
-
-
-def codes(packed: jax.Array) -> jax.Array:
-  """uint8 `[n, *out]` -> ternary int8 `[4, n, out]`: row `k * n + r` of the weight is `[k, r]` (the input axis
-  split in four, no concatenation: the shifts fuse into the product that reads them)."""
-  shifts = jnp.arange(0, 8, 2, dtype=jnp.uint8).reshape(4, 1, 1)
-  p = packed.reshape(1, packed.shape[0], -1)
-  return (((p >> shifts) & 3).astype(jnp.int8) - 1).astype(jnp.int8)
 
 
 def _accumulate(qx, w, product: str):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mmfree_jax.layers.bitlinear import round_half_away
+from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
 MIN_PACKED_ROWS = 64  # fewest packed rows per program: 16 to 64 passed on the H100, 8 was in a failing case (MODE)
@@ -95,7 +95,7 @@ def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, o_ref, *, k_in: int, groups: 
   rstd = 1.0 / jnp.sqrt(sumsq / k_in + eps)
   ys = [v * rstd * s for v, s in zip(xs, ss)]
   amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y)) for y in ys])
-  scale = 127.0 / jnp.maximum(amax, 1e-5)
+  scale = 127.0 / jnp.maximum(amax, SCALE_FLOOR)
   codes = p_ref[layer_ref[0], g, :, pl.ds(j * bn, bn)].astype(jnp.int32)  # [rows, bn]
   acc = jnp.zeros((bn,), jnp.float32)
   for k, y in enumerate(ys):

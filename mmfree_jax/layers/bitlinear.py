@@ -31,7 +31,7 @@ from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.norm import rms_normalize
 
 IMPLS = ("fused", "int8", "vanilla")
-_SCALE_FLOOR = 1e-5
+SCALE_FLOOR = 1e-5
 
 
 def round_half_away(v):
@@ -42,7 +42,7 @@ def round_half_away(v):
 def quantize_activations(y):
   """Per-row 8-bit absmax quantization: (integer-valued q in y's dtype, 1/s_x with shape [..., 1])."""
   amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
-  scale = 127.0 / jnp.maximum(amax, _SCALE_FLOOR)
+  scale = 127.0 / jnp.maximum(amax, SCALE_FLOOR)
   q = jnp.clip(round_half_away(y * scale), -128, 127)
   return q, 1.0 / scale
 
@@ -50,7 +50,7 @@ def quantize_activations(y):
 def quantize_weight(w):
   """Per-matrix absmean ternary quantization: (q in {-1, 0, 1} in w's accum dtype, 1/s_w scalar)."""
   w = w.astype(dtypes.accum(w.dtype))
-  scale = 1.0 / jnp.maximum(jnp.mean(jnp.abs(w)), _SCALE_FLOOR)
+  scale = 1.0 / jnp.maximum(jnp.mean(jnp.abs(w)), SCALE_FLOOR)
   return jnp.clip(jnp.round(w * scale), -1, 1), 1.0 / scale
 
 

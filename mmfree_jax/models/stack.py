@@ -6,7 +6,6 @@ import jax
 from mmfree_jax.model_config import ModelConfig
 
 
-
 def _cudnn_attention_forward():
   """The primitive of cuDNN's fused attention forward (private to JAX; None where it is absent)."""
   try:
