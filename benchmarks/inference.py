@@ -29,6 +29,8 @@ from benchmarks import trace
 
 flags.DEFINE_multi_string("config", ["experiments/configs/370m.py", "experiments/configs/1p3b.py"],
                           "Config file(s) of the sizes to run (both families each).")
+flags.DEFINE_multi_enum("arch", ["hgrn_bit", "transformer"], ["hgrn_bit", "transformer"],
+                        "Families to run at each size (default both).")
 flags.DEFINE_string("only", None, "Internal: run one 'CONFIG|ARCH' in this process.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens of the generate measurement.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens per measurement.")
@@ -37,7 +39,8 @@ flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 flags.DEFINE_bool("unroll_layers", False, "Decode with the layer loop unrolled (generation.decode_loop).")
 flags.DEFINE_enum("ternary_product", None, ["int8", "bf16"], "MatMul-free: the instruction of the exact ternary "
                   "product (inference.packed.PRODUCT); default: the library's.")
-flags.DEFINE_bool("decode_kernel", False, "MatMul-free: decode with the Pallas kernel (ternary_kernel.MODE=auto).")
+flags.DEFINE_bool("decode_kernel", True, "MatMul-free: decode with the Pallas kernel where the library does "
+                  "(ternary_kernel.MODE=auto: on GPUs); --nodecode_kernel: XLA's BitLinear (MODE=off).")
 flags.DEFINE_integer("kernel_block_elems", None, "MatMul-free decode kernel: ternary_kernel.BLOCK_ELEMS (default: "
                      "the library's).")
 flags.DEFINE_integer("kernel_num_warps", None, "MatMul-free decode kernel: ternary_kernel.NUM_WARPS.")
@@ -120,8 +123,7 @@ def run_one(config_path: str, arch: str) -> dict:
   model = build_model(cfg)
   if FLAGS.ternary_product:
     packed.PRODUCT = FLAGS.ternary_product
-  if FLAGS.decode_kernel:
-    ternary_kernel.MODE = "auto"
+  ternary_kernel.MODE = "auto" if FLAGS.decode_kernel else "off"
   ternary_kernel.BLOCK_ELEMS = FLAGS.kernel_block_elems or ternary_kernel.BLOCK_ELEMS
   ternary_kernel.NUM_WARPS = FLAGS.kernel_num_warps or ternary_kernel.NUM_WARPS
   params = random_params(cfg, model)
@@ -142,7 +144,7 @@ def run_one(config_path: str, arch: str) -> dict:
          "n_layers": cfg.n_layers, "dtype": cfg.dtype,
          "weights": f"packed ternary (2 bit) + {cfg.dtype}" if arch == "hgrn_bit" else f"{cfg.dtype} dense",
          "batch": 1, "new_tokens": FLAGS.new_tokens, "unroll_layers": FLAGS.unroll_layers,
-         "ternary_product": packed.PRODUCT if arch == "hgrn_bit" else None,
+         "ternary_product": packed.default_product() if arch == "hgrn_bit" else None,
          "decode_kernel": ({"enabled": ternary_kernel.enabled(), "block_elems": ternary_kernel.BLOCK_ELEMS,
                             "num_warps": ternary_kernel.NUM_WARPS} if arch == "hgrn_bit" else None),
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -194,7 +196,7 @@ def main(argv):
   passthrough += [f"--kernel_block_elems={FLAGS.kernel_block_elems}"] if FLAGS.kernel_block_elems else []
   passthrough += [f"--kernel_num_warps={FLAGS.kernel_num_warps}"] if FLAGS.kernel_num_warps else []
   for cfg_path in FLAGS.config:
-    for arch in ARCHS:
+    for arch in [a for a in ARCHS if a in FLAGS.arch]:
       proc = subprocess.run([sys.executable, "-m", "benchmarks.inference", f"--only={cfg_path}|{arch}"] + passthrough,
                             capture_output=True, text=True, check=False)
       print("\n".join(l for l in proc.stdout.splitlines() if l.startswith("PROFILE ")), flush=True)

@@ -23,8 +23,10 @@ def group_name(name: str) -> str:
   return re.sub(r"[\d_.]+$", "", re.sub(r"\.\d+", "", name))[:80]
 
 
-def device_kernels(trace_dir: str) -> tuple[collections.Counter, collections.Counter, list[str]]:
-  """(microseconds per group, launches per group, process names) of the device events of a trace."""
+def device_kernels(trace_dir: str, exact: bool = False) -> tuple[collections.Counter, collections.Counter, list[str]]:
+  """(microseconds per group, launches per group, process names) of the device events of a trace.
+
+  `exact`: one group per kernel name (to find a fusion in the compiled HLO) instead of per kind."""
   path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
   events = json.load(gzip.open(path))["traceEvents"]
   pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -32,7 +34,7 @@ def device_kernels(trace_dir: str) -> tuple[collections.Counter, collections.Cou
   time_us, launches = collections.Counter(), collections.Counter()
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in device_pids:
-      g = group_name(e["name"])
+      g = e["name"] if exact else group_name(e["name"])
       time_us[g] += e.get("dur", 0)
       launches[g] += 1
   return time_us, launches, sorted(pids.values())
@@ -40,6 +42,9 @@ def device_kernels(trace_dir: str) -> tuple[collections.Counter, collections.Cou
 
 class Trace:
   """Context manager: traces what runs inside it; `print_table` summarizes the device kernels."""
+
+  def __init__(self, exact: bool = False):
+    self.exact = exact
 
   def __enter__(self):
     import jax  # pylint: disable=g-import-not-at-top
@@ -50,7 +55,7 @@ class Trace:
   def __exit__(self, *exc):
     import jax  # pylint: disable=g-import-not-at-top
     jax.profiler.stop_trace()
-    self.time_us, self.launches, self.processes = device_kernels(self.dir)
+    self.time_us, self.launches, self.processes = device_kernels(self.dir, self.exact)
     return False
 
   def print_table(self, per: int, unit: str, top: int = 25, prefix: str = "PROFILE") -> None:

@@ -29,9 +29,10 @@ class ModelConfig:
   dtype: str = "bfloat16"
   scan_impl: str = "associative"
   scan_chunk: int = 128
-  bitlinear: str = "fused"
+  bitlinear: str = "vanilla"
   attention_impl: str = "xla"
   remat: str = "full"
+  unroll_layers: int = 1  # layers per iteration of the layer loop (nn.scan's unroll; n_layers: no loop)
   loss_chunk: int = 0  # > 0: head + cross-entropy over this many positions at a time (models/head_loss.py)
 
   def __post_init__(self):
@@ -43,6 +44,7 @@ class ModelConfig:
         (self.remat in REMAT, f"model.remat={self.remat!r}: expected one of {REMAT}"),
         (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}: expected xla or cudnn"),
         (min(self.vocab_size, self.d_model, self.n_layers, self.scan_chunk) > 0, "model sizes must be positive"),
+        (self.unroll_layers >= 1, f"model.unroll_layers={self.unroll_layers}: expected >= 1"),
         (self.loss_chunk >= 0, f"model.loss_chunk={self.loss_chunk}: expected 0 (whole rows) or a positive length"),
         (self.arch != "transformer" or self.d_model % self.n_heads == 0,
          f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"),

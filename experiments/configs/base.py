@@ -41,9 +41,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype; the loss and the recurrence state are always float32
   m.scan_impl = "associative"  # sequential | associative | chunked
   m.scan_chunk = 128  # chunk length of the chunked scan
-  m.bitlinear = "fused"  # fused (recompute norm + quantization in backward) | vanilla (autodiff) | int8
+  m.bitlinear = "vanilla"  # vanilla (autodiff; fastest measured) | fused (recompute norm + quantization) | int8
   m.attention_impl = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   m.remat = "full"  # none | full | save_dots | save_proj (policy of nn.remat around each block)
+  m.unroll_layers = 1  # layers per iteration of the layer loop (n_layers: unrolled, no loop; longer compile)
   m.loss_chunk = 0  # > 0: LM head + cross-entropy over this many positions at a time (less memory, 1 more head fwd)
 
   c.data = d = ml_collections.ConfigDict()

@@ -20,6 +20,9 @@ by `1/s_x * 1/s_w`, the same arithmetic as BitLinear's `int8` implementation. `P
 `int8` is `lax.dot_general(int8, int8, preferred_element_type=int32)`; `bf16` multiplies the same codes held in
 bfloat16 (exact: |codes| <= 127) with float32 accumulation, which is exact while |sum| < 2^24 (127 * in < 2^24,
 in < 132k), so both give the same accumulators bit for bit; `bf16` reaches the GPU's float GEMM/GEMV kernels.
+The default (`PRODUCT = None`) is `bf16` on GPUs and `int8` elsewhere: on the H100 (jax 0.11.2), XLA's int8
+product gave wrong accumulators for the tiny test model's single-row decoding steps, where `bf16` (and XLA on the
+CPU) agree (`python -m benchmarks.decode_parity`).
 """
 
 from typing import Any
@@ -36,7 +39,14 @@ from mmfree_jax.layers.norm import rms_normalize
 
 FORMAT = "packed-ternary-v1"
 PRODUCTS = ("int8", "bf16")
-PRODUCT = "int8"  # module default of `ternary_linear(product=None)`
+PRODUCT = None  # module default of `ternary_linear(product=None)`; None: `default_product()`
+
+
+def default_product() -> str:
+  """`PRODUCT`, or where it is None the platform's: bf16 on GPUs (see the module docstring), int8 elsewhere."""
+  if PRODUCT is not None:
+    return PRODUCT
+  return "bf16" if jax.default_backend() == "gpu" else "int8"
 
 
 def is_bitlinear(node: Any) -> bool:
@@ -141,14 +151,14 @@ def ternary_linear(x, node: dict, *, eps: float = 1e-6, product: str | None = No
   """BitLinear of `x[..., in]` (compute dtype) with `node` in any form; output `[..., *out]` in x's dtype.
 
   Latent weights are quantized here (as in training); ternary and packed weights are used as they are.
-  `product`: `int8` or `bf16` (same result; see the module docstring), default `PRODUCT`. A node with a `layer`
+  `product`: `int8` or `bf16` (same result; see the module docstring), default `default_product()`. A node with a `layer`
   entry holds the whole stack of layers `[L, ...]` and means its layer `layer` (the decode kernel's layout).
   """
   if "layer" in node:
     return ternary_linear_group(x, _as_group(node), eps=eps)[0]
   acc = dtypes.accum(x.dtype)
   q2, inv_sw, qx, inv_sx = _quantized_input(x, node, eps)
-  accum = _accumulate(qx, q2, product or PRODUCT)
+  accum = _accumulate(qx, q2, product or default_product())
   out = (accum.astype(acc) * (inv_sx * inv_sw.astype(acc))).astype(x.dtype)
   return out.reshape(*out.shape[:-1], *_out_shape(node))
 

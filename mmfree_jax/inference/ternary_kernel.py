@@ -16,7 +16,9 @@ integer sums below 2^24).
 
 The row statistics are computed in the kernel with the reference's formulas; their float32 reduction order
 differs from XLA's, so an activation code can differ by one where `y * s_x` falls within rounding of a .5 tie.
-Parity with `packed.ternary_linear` is tested on the CPU in interpret mode. Opt-in: set `MODE` (below).
+Parity with `packed.ternary_linear` is tested on the CPU in interpret mode; on the H100, the tiny model's prefill +
+decode logits with the kernel equal XLA's on the CPU to 2e-7 of their range (`python -m benchmarks.decode_parity`).
+On by default on GPUs (`MODE`, below).
 """
 
 import functools
@@ -30,18 +32,13 @@ from jax.experimental.pallas import triton as plgpu
 from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
-MIN_PACKED_ROWS = 64  # fewest packed rows per program: 16 to 64 passed on the H100, 8 was in a failing case (MODE)
+MIN_PACKED_ROWS = 64  # fewest packed rows per program (rows past ceil(K / 4) hold zero codes)
 BLOCK_ELEMS = 4096  # packed bytes per program: rows x block_n (H100: see benchmarks/README.md)
 NUM_WARPS = 4
 ZERO_BYTE = 0b01010101  # four zero codes
 MODES = ("auto", "on", "off")
-# auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never. Off by default: on the H100
-# the per-matrix parity holds at the 370M shapes in bfloat16 (benchmarks/ternary_kernel.py: 0 codes apart) and
-# in the unit tests (16 to 64 packed rows), but the tiny float32 model's prefill + decode logits
-# (tests/inference/test_ternary_kernel.py), whose programs then read 8 packed rows, did not match XLA's there,
-# while they do in interpret mode. MIN_PACKED_ROWS keeps programs out of that smallest regime since, which is
-# not yet checked on a GPU; until it is, the kernel is opt-in.
-MODE = "off"
+# auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never (XLA's BitLinear).
+MODE = "auto"
 
 
 def enabled() -> bool:

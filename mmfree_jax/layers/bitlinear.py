@@ -108,8 +108,10 @@ def _recompute_bwd(eps, impl, res, dout):
 _bitlinear_recompute.defvjp(_recompute_fwd, _recompute_bwd)
 
 
-def _bitlinear_vanilla(x, g, w, eps):
-  _, y = _normalize(x, g, eps)
+def _bitlinear_vanilla(x, g, w, eps, xhat=None):
+  if xhat is None:
+    xhat = rms_normalize(x, eps)
+  y = xhat * g.astype(xhat.dtype)
   qx, inv_sx = quantize_activations(y)
   y_q = y + lax.stop_gradient(qx * inv_sx - y)
   w32 = w.astype(dtypes.accum(w.dtype))
@@ -119,18 +121,21 @@ def _bitlinear_vanilla(x, g, w, eps):
   return _matmul(y_q.astype(x.dtype), w_q.astype(x.dtype), x.dtype)
 
 
-def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused"):
+def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", xhat=None):
   """BitLinear of `x[..., in]` with RMSNorm scale `norm_scale[in]` and latent weight `kernel[in, *out]`.
 
   `x` is in the compute dtype; the output `[..., *out]` has the same dtype. A kernel with several output axes
   (e.g. the GLU's fused gate/up `[d, 2, I]`) is one matrix: one weight scale over all of it.
+  `xhat`, optional: `rms_normalize(x, eps)` computed by the caller, for BitLinears that read the same input
+  (the MLGRU's f/i/g): autodiff then sums their cotangents and runs the normalization's backward once. The
+  same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves).
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown BitLinear impl {impl!r}; expected one of {IMPLS}")
   out_shape = kernel.shape[1:]
   kernel = kernel.reshape(kernel.shape[0], -1)
   if impl == "vanilla":
-    out = _bitlinear_vanilla(x, norm_scale, kernel, eps)
+    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat)
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)
@@ -158,11 +163,13 @@ class BitLinear(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, xhat=None):
+    """`xhat`: see `bitlinear` (the shared normalization of an input read by several BitLinears)."""
     d_in = x.shape[-1]
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         (d_in, *features), self.param_dtype)
     norm_scale = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes[:1]),
                             (d_in,), self.param_dtype)
-    return checkpoint_name(bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl), "proj")
+    return checkpoint_name(bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl,
+                                    xhat=xhat), "proj")

@@ -8,11 +8,10 @@
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.bitlinear import BitLinear
-from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.norm import RMSNorm, rms_normalize
 from mmfree_jax.layers.recurrence import linear_scan
 from mmfree_jax.model_config import ModelConfig
 
@@ -31,15 +30,16 @@ class MLGRU(nn.Module):
     proj = lambda name, axes=("embed", "heads"): BitLinear(
         cfg.d_model, axes=axes, kernel_init=PROJ_INIT, eps=cfg.norm_eps, impl=cfg.bitlinear,
         dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
-    f = jax.nn.sigmoid(proj("f_proj")(x_BTD).astype(acc))
+    # f/i/g read the same input: normalize it once (one normalization backward on their summed cotangents).
+    xhat = rms_normalize(x_BTD.astype(cfg.compute_dtype), cfg.norm_eps) if cfg.bitlinear == "vanilla" else None
+    f = jax.nn.sigmoid(proj("f_proj")(x_BTD, xhat).astype(acc))
     lb = lower_bound_D.astype(acc)
     f = lb + (1.0 - lb) * f
-    i = jax.nn.silu(proj("i_proj")(x_BTD).astype(acc)) * (1.0 - f)
+    i = jax.nn.silu(proj("i_proj")(x_BTD, xhat).astype(acc)) * (1.0 - f)
     f = nn.with_logical_constraint(f.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
     i = nn.with_logical_constraint(i.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
     h, h_last = linear_scan(f, i, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
-    h = checkpoint_name(h, "scan")
     g = RMSNorm(cfg.norm_eps, dtype=acc, param_dtype=cfg.weight_dtype, axis_name="heads",
-                name="g_norm")(proj("g_proj")(x_BTD))
+                name="g_norm")(proj("g_proj")(x_BTD, xhat))
     o = (g * jax.nn.silu(h.astype(acc))).astype(cfg.compute_dtype)
     return proj("o_proj", ("heads", "embed"))(o), h_last

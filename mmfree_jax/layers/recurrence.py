@@ -9,8 +9,20 @@ h_T [B, D] in the state dtype)`.
   associative  `lax.associative_scan` with the pair operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2).
   chunked      associative scans inside fixed-length chunks (in parallel), a sequential scan across the chunk
                boundaries (T / chunk steps on a [B, D] state), then one fix-up multiply-add.
+
+`sequential` is differentiated by plain autodiff (the reference). The parallel backends carry a custom VJP: the
+backward of a linear recurrence is the same recurrence run backwards,
+  lam_t = g_t + a_{t+1} lam_{t+1}  (g = the output's cotangent; + the final state's at T),
+  db_t = lam_t,   da_t = lam_t h_{t-1},   dh0 = a_1 lam_1,
+so it is one more scan of the same backend on time-reversed inputs plus element-wise work, instead of the
+transpose of every level of the scan tree. It keeps `a` and the output `h` (in the output dtype, the value the
+model keeps anyway; as the official kernel, which reads its saved output in the input dtype).
 """
 
+import functools
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from jax import lax
 
@@ -75,16 +87,53 @@ def _chunked(a, b, chunk):
   return h.reshape(bsz, n * chunk, d)[:, :t]
 
 
+def _parallel(a, b, impl, chunk):
+  return _associative(a, b) if impl == "associative" else _chunked(a, b, chunk)
+
+
+# Name of the recurrence output for remat policies (`models.stack`): saving it also saves the custom VJP's residual.
+OUTPUT_NAME = "scan"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _parallel_scan(a, b, h0, impl, chunk):
+  return _parallel_fwd(a, b, h0, impl, chunk)[0]
+
+
+def _parallel_fwd(a, b, h0, impl, chunk):
+  """`a`, `b` in the input dtype (resets already applied to `a`), `h0` [B, D] in the state dtype."""
+  state = h0.dtype
+  a_s = a.astype(state)
+  h = _parallel(a_s, b.astype(state).at[:, 0].add(a_s[:, 0] * h0), impl, chunk)
+  out = checkpoint_name(h.astype(b.dtype), OUTPUT_NAME)
+  return (out, h[:, -1]), (a, out, h0)
+
+
+def _parallel_bwd(impl, chunk, res, cts):
+  a, out, h0 = res
+  d_out, d_last = cts
+  state = h0.dtype
+  g = d_out.astype(state).at[:, -1].add(d_last)
+  a_next = jnp.concatenate([a[:, 1:].astype(state), jnp.zeros_like(h0)[:, None]], axis=1)
+  lam = jnp.flip(_parallel(jnp.flip(a_next, 1), jnp.flip(g, 1), impl, chunk), 1)
+  h_prev = jnp.concatenate([h0[:, None], out[:, :-1].astype(state)], axis=1)
+  return (lam * h_prev).astype(a.dtype), lam.astype(out.dtype), a[:, 0].astype(state) * lam[:, 0]
+
+
+_parallel_scan.defvjp(_parallel_fwd, _parallel_bwd)
+
+
 def linear_scan(a, b, h0=None, resets=None, *, impl: str = "associative", chunk: int = 128):
   """`h_t = a_t * h_{t-1} + b_t`; returns `(h, h_T)`. See the module docstring."""
   if impl not in IMPLS:
     raise ValueError(f"unknown scan impl {impl!r}; expected one of {IMPLS}")
+  if impl != "sequential":
+    state = dtypes.accum(b.dtype)
+    if resets is not None:
+      a = jnp.where(resets[..., None], jnp.zeros((), a.dtype), a)
+    h0 = jnp.zeros((b.shape[0], b.shape[2]), state) if h0 is None else h0.astype(state)
+    return _parallel_scan(a, b, h0, impl, chunk)
   out_dtype = b.dtype
   a, b = _prepare(a, b, h0, resets)
-  if impl == "sequential":
-    h = _sequential(a, b)
-  elif impl == "associative":
-    h = _associative(a, b)
-  else:
-    h = _chunked(a, b, chunk)
-  return h.astype(out_dtype), h[:, -1]
+  h = _sequential(a, b)
+  return checkpoint_name(h.astype(out_dtype), OUTPUT_NAME), h[:, -1]

@@ -76,8 +76,10 @@ def test_batched_prompts_equal_one_by_one_and_stop_at_eos(x64, arch):
 
 def test_bfloat16_greedy_tokens_equal_full_forward_recomputation():
   """The quantizers amplify last-bit differences, so tokens are compared where the full forward's top-2
-  margin is clear of bfloat16 rounding (Transformer++'s cache is covered in float64 above)."""
-  cfg_d = tiny_cfg("hgrn_bit", "bfloat16")
+  margin is clear of bfloat16 rounding (Transformer++'s cache is covered in float64 above). The full forward
+  uses the `fused` BitLinear: like the decoder, it multiplies the integer codes exactly and rescales after;
+  `vanilla` multiplies the bfloat16-rounded fake-quantized values (as the official GPU code)."""
+  cfg_d = tiny_cfg("hgrn_bit", "bfloat16", bitlinear="fused")
   params = tiny_params(cfg_d, seed=4, head_gain=30.0)
   prompts = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55]]
   out = gen.generate(cfg_d, params, prompts, max_new_tokens=24)

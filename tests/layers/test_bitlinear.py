@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmfree_jax.layers import bitlinear as bl
+from mmfree_jax.layers.norm import rms_normalize
 
 
 def np_reference(x, g, w, eps=1e-6):
@@ -146,6 +147,25 @@ def test_multi_axis_kernel_is_one_matrix(x64):
   out = bl.bitlinear(jnp.asarray(x), jnp.asarray(g), jnp.asarray(w))
   ref = np_reference(x, g, w.reshape(16, 16))[0].reshape(5, 2, 8)
   np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_normalization_same_values_and_gradients(x64):
+  # f/i/g of the MLGRU pass one `xhat`: the loss and every gradient (x, scales, kernels) equal separate layers'.
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(2, 7, 32)))
+  gs = [jnp.asarray(rng.uniform(0.5, 1.5, 32)) for _ in range(3)]
+  ws = [jnp.asarray(rng.normal(size=(32, 16)) * 0.02) for _ in range(3)]
+  cot = [jnp.asarray(rng.normal(size=(2, 7, 16))) for _ in range(3)]
+
+  def loss(x, gs, ws, shared):
+    xhat = rms_normalize(x, 1e-6) if shared else None
+    return sum(jnp.sum(c * bl.bitlinear(x, g, w, impl="vanilla", xhat=xhat)) for g, w, c in zip(gs, ws, cot))
+
+  ref_val, ref_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, gs, ws, False)
+  val, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, gs, ws, True)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-13)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
 def test_unknown_impl_is_an_error():

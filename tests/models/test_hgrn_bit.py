@@ -22,8 +22,9 @@ def _perturbed_params(model, tokens, seed=0):
   return jax.tree.unflatten(tree, leaves)
 
 
-def test_forward_matches_numpy_reference_float64(x64):
-  model = build_model(dict(TINY, dtype="float64", param_dtype="float64"))
+@pytest.mark.parametrize("bitlinear", ["fused", "vanilla"])
+def test_forward_matches_numpy_reference_float64(x64, bitlinear):
+  model = build_model(dict(TINY, dtype="float64", param_dtype="float64", bitlinear=bitlinear))
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
   params = _perturbed_params(model, tokens)
   logits = np.asarray(model.apply(params, tokens))

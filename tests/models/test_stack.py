@@ -1,4 +1,4 @@
-"""Remat policies change what the backward pass recomputes, never the gradients."""
+"""Remat policies and layer-loop unrolling change what runs, never the loss or the gradients."""
 
 import jax
 import numpy as np
@@ -10,16 +10,17 @@ from mmfree_jax.train import step
 from tests.models.test_head_loss import _batch, _cfg
 
 
-@pytest.mark.parametrize("arch", ["hgrn_bit", "transformer"])
-def test_save_proj_keeps_loss_and_gradients_float64(x64, arch):
-  remat = "save_proj"  # the preset policy; the others are jax.checkpoint_policies' own
+@pytest.mark.parametrize("arch,change", [("hgrn_bit", "remat"), ("transformer", "remat"), ("hgrn_bit", "unroll")])
+def test_save_proj_and_unrolling_keep_loss_and_gradients_float64(x64, arch, change):
+  # save_proj: the preset policy (the others are jax.checkpoint_policies' own); unroll: the layer loop unrolled.
   rng = np.random.default_rng()
   batch = _batch(rng)
   plain = build_model(_cfg(arch, {}, dtype="float64", param_dtype="float64"))
-  rematted = build_model(dict(_cfg(arch, {}, dtype="float64", param_dtype="float64"), remat=remat))
+  other = dict(remat="save_proj", unroll_layers=1 if change == "remat" else 99)
+  changed = build_model(dict(_cfg(arch, {}, dtype="float64", param_dtype="float64"), **other))
   params = jax.jit(plain.init)(jax.random.key(int(rng.integers(1 << 30))), batch["inputs"])
   grad = lambda m: jax.jit(jax.value_and_grad(lambda p: step.loss_sums(m, p, batch)[0]))(params)
-  (l0, g0), (l1, g1) = grad(plain), grad(rematted)
+  (l0, g0), (l1, g1) = grad(plain), grad(changed)
   # Recomputation repeats the same float64 operations; only XLA's fusion choices may reorder a sum.
   np.testing.assert_allclose(l1, l0, rtol=1e-12)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
