@@ -25,6 +25,7 @@ product gave wrong accumulators for the tiny test model's single-row decoding st
 CPU) agree (`python -m benchmarks.decode_parity`).
 """
 
+import math
 from typing import Any
 
 import jax
@@ -151,11 +152,11 @@ def ternary_linear(x, node: dict, *, eps: float = 1e-6, product: str | None = No
   """BitLinear of `x[..., in]` (compute dtype) with `node` in any form; output `[..., *out]` in x's dtype.
 
   Latent weights are quantized here (as in training); ternary and packed weights are used as they are.
-  `product`: `int8` or `bf16` (same result; see the module docstring), default `default_product()`. A node with a `layer`
-  entry holds the whole stack of layers `[L, ...]` and means its layer `layer` (the decode kernel's layout).
+  `product`: `int8` or `bf16` (same result; see the module docstring), default `default_product()`. A node with a
+  `layer` entry holds the whole stack of layers `[L, ...]` and means its layer `layer` (the decode kernel's layout).
   """
   if "layer" in node:
-    return ternary_linear_group(x, _as_group(node), eps=eps)[0]
+    return ternary_linear_group(x, as_group(node), eps=eps)[0]
   acc = dtypes.accum(x.dtype)
   q2, inv_sw, qx, inv_sx = _quantized_input(x, node, eps)
   accum = _accumulate(qx, q2, product or default_product())
@@ -163,24 +164,43 @@ def ternary_linear(x, node: dict, *, eps: float = 1e-6, product: str | None = No
   return out.reshape(*out.shape[:-1], *_out_shape(node))
 
 
-def _as_group(node: dict) -> dict:
+def as_group(node: dict) -> dict:
   """A stacked single BitLinear `[L, rows, *out]` as a group of one `[L, 1, rows, *out]` (reshapes only)."""
   return {"packed": node["packed"][:, None], "norm_scale": node["norm_scale"][:, None],
           "inv_sw": node["inv_sw"][:, None], "layer": node["layer"]}
 
 
-def ternary_linear_group(x, group: dict, *, eps: float = 1e-6) -> list:
+def ternary_linear_group(x, group: dict, *, eps: float = 1e-6, pre: str | None = None, pre_scale=None, dtype=None,
+                         raw: bool = False) -> list:
   """BitLinears that read the same `x`, stacked on the axis after the layers': `packed [L, G, rows, *out]`,
   `norm_scale [L, G, in]`, `inv_sw [L, G]`, and `layer`, the index into L. G outputs `[..., *out]`, from one
-  kernel launch where it applies (the whole stacks are its operands: slicing a layer out would copy it)."""
+  kernel launch where it applies (the whole stacks are its operands: slicing a layer out would copy it).
+
+  `pre` (with `pre_scale`, `dtype`): the element-wise step before the BitLinears, in the kernel's launch where it
+  applies, else here with XLA (`ternary_kernel.ternary_matvec`): "norm", the block's RMSNorm with the stacked
+  scale `pre_scale [L, in]`; "glu", `x [..., 2, in]` holds a GLU's gate and up, the input is `silu(gate) * up`.
+  `dtype`: the compute dtype the input is rounded to (default x's). `raw`: the kernel's float32 outputs as they are
+  (for a consumer that rounds them itself, as the "glu" prologue does).
+  """
   p, layer = group["packed"], group["layer"]
   out_shape = p.shape[3:]
-  if not ternary_kernel.applies(x, p.shape[2:]):
+  dtype = jnp.dtype(dtype or x.dtype)
+  k_in = group["norm_scale"].shape[-1]
+  lead = x.shape[:-2] if pre == "glu" else x.shape[:-1]
+  finish = lambda o: (o if raw else o.astype(dtype)).reshape(*lead, *out_shape)
+  if not ternary_kernel.applies(math.prod(lead), k_in, dtype, p.shape[2:]):
+    acc = dtypes.accum(dtype)
+    if pre == "norm":
+      x = (rms_normalize(x, eps) * pre_scale[layer].astype(acc)).astype(dtype)
+    elif pre == "glu":
+      x = (jax.nn.silu(x[..., 0, :].astype(dtype).astype(acc)) * x[..., 1, :].astype(dtype)).astype(dtype)
     one = {k: v[layer] for k, v in group.items() if k != "layer"}
-    return [ternary_linear(x, {k: v[g] for k, v in one.items()}, eps=eps) for g in range(p.shape[1])]
-  out = ternary_kernel.ternary_matvec(x.reshape(-1, x.shape[-1]), p.reshape(*p.shape[:3], -1), group["norm_scale"],
-                                      group["inv_sw"], jnp.reshape(layer, (1,)).astype(jnp.int32), eps=eps)
-  return [o.astype(x.dtype).reshape(*x.shape[:-1], *out_shape) for o in out]
+    return [finish(ternary_linear(x.astype(dtype), {k: v[g] for k, v in one.items()}, eps=eps))
+            for g in range(p.shape[1])]
+  out = ternary_kernel.ternary_matvec(x.reshape(math.prod(lead), -1), p.reshape(*p.shape[:3], -1),
+                                      group["norm_scale"], group["inv_sw"], jnp.reshape(layer, (1,)).astype(jnp.int32),
+                                      eps=eps, pre=pre, pre_scale=pre_scale, dtype=dtype)
+  return [finish(o) for o in out]
 
 
 def _out_shape(node: dict) -> tuple:

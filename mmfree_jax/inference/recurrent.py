@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmfree_jax.inference import ternary_kernel
-from mmfree_jax.inference.packed import (is_bitlinear, map_bitlinears, ternary_linear, ternary_linear_group, to_packed,
-                                         to_ternary)
+from mmfree_jax.inference.packed import (as_group, is_bitlinear, map_bitlinears, ternary_linear, ternary_linear_group,
+                                         to_packed, to_ternary)
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.norm import rms_normalize
 from mmfree_jax.layers.recurrence import linear_scan
@@ -61,11 +61,13 @@ def _norm(x, scale, eps, dtype):
 def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   cdt, acc, eps = cfg.compute_dtype, dtypes.accum(cfg.compute_dtype), cfg.norm_eps
   lin = lambda v, node: ternary_linear(v.astype(cdt), node, eps=eps)
-  a = p["attn"]
-  u = _norm(x, p["attn_norm"]["scale"], eps, cdt)
-  if "fig" in a:
-    f_lin, i_lin, g_lin = ternary_linear_group(u, a["fig"], eps=eps)
+  a, m = p["attn"], p["mlp"]
+  whole = "fig" in a  # kernel layout: the block norms and the GLU product run in the kernels' launches
+  if whole:
+    f_lin, i_lin, g_lin = ternary_linear_group(x, a["fig"], eps=eps, pre="norm", pre_scale=p["attn_norm_stack"],
+                                               dtype=cdt)
   else:
+    u = _norm(x, p["attn_norm"]["scale"], eps, cdt)
     f_lin, i_lin, g_lin = (lin(u, a[name]) for name in FIG)
   f = jax.nn.sigmoid(f_lin.astype(acc))
   lb = lb.astype(acc)
@@ -79,7 +81,10 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   g = _norm(g_lin, a["g_norm"]["scale"], eps, acc)
   o = (g * jax.nn.silu(h.astype(acc))).astype(cdt)
   r = x + lin(o, a["o_proj"])
-  m = p["mlp"]
+  if whole:
+    gu = ternary_linear_group(r, as_group(m["gate_proj"]), eps=eps, pre="norm", pre_scale=p["mlp_norm_stack"],
+                              dtype=cdt, raw=True)[0]
+    return r + ternary_linear_group(gu, as_group(m["down_proj"]), eps=eps, pre="glu", dtype=cdt)[0], h_last
   gu = lin(_norm(r, p["mlp_norm"]["scale"], eps, cdt), m["gate_proj"])
   hid = (jax.nn.silu(gu[..., 0, :].astype(acc)) * gu[..., 1, :]).astype(cdt)
   return r + lin(hid, m["down_proj"]), h_last
@@ -110,8 +115,9 @@ def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict, unroll: 
 
   def layer(x, xs):
     p, lb, h0, index = xs
-    if whole:
-      p = _with_bitlinears(layers, p, index)
+    if whole:  # whole stacks (and the layer index) for the kernels, which read their layer in place
+      p = dict(_with_bitlinears(layers, p, index), attn_norm_stack=layers["attn_norm"]["scale"],
+               mlp_norm_stack=layers["mlp_norm"]["scale"])
     return _block(cfg, x, p, lb, h0, valid_BT)
 
   xs = (rest, lbs, cache["h"], jnp.arange(cfg.n_layers, dtype=jnp.int32))

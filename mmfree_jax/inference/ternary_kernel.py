@@ -62,11 +62,12 @@ def block_n(rows: int, n_out: int) -> int | None:
   return b if b >= 16 else None
 
 
-def applies(x: jax.Array, packed_shape: tuple) -> bool:
-  """Whether `ternary_matvec` serves `x [..., K]` against packed weights `[rows, *out]` (few rows of x)."""
+def applies(rows_x: int, k_in: int, dtype, packed_shape: tuple) -> bool:
+  """Whether `ternary_matvec` serves `rows_x` rows of `k_in` inputs in `dtype` against packed weights
+  `[rows, *out]` (few rows: decoding)."""
   rows, n_out = packed_shape[0], math.prod(packed_shape[1:])
-  return (enabled() and x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and x.size // x.shape[-1] <= MAX_ROWS
-          and rows == padded_rows(x.shape[-1]) and block_n(rows, n_out) is not None)
+  return (enabled() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16, jnp.float32) and rows_x <= MAX_ROWS
+          and rows == padded_rows(k_in) and block_n(rows, n_out) is not None)
 
 
 def pad_rows(packed: jax.Array, axis: int, k_in: int) -> jax.Array:
@@ -76,8 +77,9 @@ def pad_rows(packed: jax.Array, axis: int, k_in: int) -> jax.Array:
   return jnp.pad(packed, pad, constant_values=ZERO_BYTE) if extra else packed
 
 
-def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, o_ref, *, k_in: int, groups: int, rows: int, bn: int,
-            eps: float):
+def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, *rest, k_in: int, groups: int, rows: int, bn: int, eps: float,
+            pre: str | None, dtype):
+  pre_ref, o_ref = rest if pre == "norm" else (None, rest[0])
   g, m, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   lg = layer_ref[0] * groups + g  # this program's matrix in the stacks
   n = -(-k_in // 4)
@@ -86,7 +88,17 @@ def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, o_ref, *, k_in: int, groups: 
   idx = [k * n + r for k in range(4)]
   valid = [(r < n) & (i < k_in) for i in idx]
   load = lambda ref, base, k: plgpu.load(ref.at[base + idx[k]], mask=valid[k], other=0.0).astype(jnp.float32)
-  xs = [load(x_ref, m * k_in, k) for k in range(4)]
+  rounded = lambda v: v.astype(dtype).astype(jnp.float32)  # the compute dtype's rounding of the XLA reference
+  if pre == "glu":  # x row m is [gate (k_in), up (k_in)]: the input is silu(gate) * up, as BitGLU computes it
+    gates = [rounded(load(x_ref, 2 * m * k_in, k)) for k in range(4)]
+    ups = [rounded(load(x_ref, 2 * m * k_in + k_in, k)) for k in range(4)]
+    xs = [rounded(a * (1.0 / (1.0 + jnp.exp(-a))) * b) for a, b in zip(gates, ups)]
+  else:
+    xs = [load(x_ref, m * k_in, k) for k in range(4)]
+  if pre == "norm":  # the block's RMSNorm (scale stack [L, k_in]) before the BitLinear's own
+    ps = [load(pre_ref, layer_ref[0] * k_in, k) for k in range(4)]
+    rstd0 = 1.0 / jnp.sqrt(sum(jnp.sum(v * v) for v in xs) / k_in + eps)
+    xs = [rounded(v * rstd0 * p) for v, p in zip(xs, ps)]
   ss = [load(s_ref, lg * k_in, k) for k in range(4)]
   sumsq = sum(jnp.sum(v * v) for v in xs)
   rstd = 1.0 / jnp.sqrt(sumsq / k_in + eps)
@@ -102,25 +114,46 @@ def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, o_ref, *, k_in: int, groups: 
   o_ref[...] = acc * ((1.0 / scale) * w_ref[lg])  # the grouping of packed.ternary_linear
 
 
-@functools.partial(jax.jit, static_argnames=("eps",))
-def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float):
+PRES = (None, "norm", "glu")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "pre", "dtype"))
+def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float, pre: str | None = None, pre_scale=None,
+                   dtype=None):
   """`x [M, K]` against layer `layer` (int32 `[1]`) of the stacks `packed [L, G, rows, N]` (rows padded, see the
   module docstring), `norm_scale [L, G, K]`, `inv_sw [L, G]` -> `[G, M, N]` float32. The stacks are operands
-  whole, so that no slice of them is copied per call."""
+  whole, so that no slice of them is copied per call.
+
+  `pre`, an element-wise prologue that saves the launches of XLA's kernels before this one (`dtype`: the compute
+  dtype whose rounding the reference applies; default x's):
+    "norm"  the input is `rms_norm(x) * pre_scale[layer]` rounded to `dtype` (the block's RMSNorm; `pre_scale
+            [L, K]`);
+    "glu"   `x [M, 2K]` holds a GLU's gate and up halves: the input is `silu(gate) * up`, each rounded to `dtype`
+            first and the product after.
+  """
+  if pre not in PRES:
+    raise ValueError(f"ternary_matvec: pre={pre!r}: expected one of {PRES}")
   m_rows, k_in = x.shape
+  if pre == "glu":
+    k_in //= 2
   _, groups, rows, n_out = packed.shape
   bn = block_n(rows, n_out)
   if bn is None or rows != padded_rows(k_in):
     raise ValueError(f"ternary_matvec: packed {packed.shape} for {k_in} inputs: expected {padded_rows(k_in)} rows "
                      "(pad_rows) and N a multiple of 16")
-  kernel = functools.partial(_kernel, k_in=k_in, groups=groups, rows=rows, bn=bn, eps=eps)
+  kernel = functools.partial(_kernel, k_in=k_in, groups=groups, rows=rows, bn=bn, eps=eps, pre=pre,
+                             dtype=jnp.dtype(dtype or x.dtype))
+  operands = [layer, x.reshape(-1), norm_scale.astype(jnp.float32).reshape(-1),
+              inv_sw.astype(jnp.float32).reshape(-1), packed]
+  if pre == "norm":
+    operands.append(pre_scale.astype(jnp.float32).reshape(-1))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((groups, m_rows, n_out), jnp.float32),
       grid=(groups, m_rows, n_out // bn),
-      in_specs=[pl.BlockSpec()] * 5,  # whole arrays: programs index their layer, group, row and columns
+      in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: programs index their layer, group, row and columns
       out_specs=pl.BlockSpec((None, None, bn), lambda g, m, j: (g, m, j)),
       interpret=jax.default_backend() != "gpu",
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
       name="ternary_matvec",
-  )(layer, x.reshape(-1), norm_scale.astype(jnp.float32).reshape(-1), inv_sw.astype(jnp.float32).reshape(-1), packed)
+  )(*operands)

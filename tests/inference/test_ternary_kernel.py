@@ -54,6 +54,34 @@ def test_kernel_matches_xla_bitlinear(monkeypatch, k_in, n_out, groups, rows):
     assert np.mean(err <= 1e-5 * np.abs(ref).max()) > 0.95
 
 
+@pytest.mark.parametrize("pre", ["norm", "glu"])
+def test_prologues_match_xla(monkeypatch, pre):
+  # The block's RMSNorm ("norm") or the GLU product ("glu") in the kernel's launch vs the same step in XLA.
+  k_in, n_out, layers = 64, 32, 2
+  kx, kw, ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 3)
+  nodes = _nodes(kw, k_in, n_out, layers)
+  stack = lambda key: jnp.stack([n[key] for n in nodes])
+  group = {"packed": ternary_kernel.pad_rows(stack("packed"), axis=1, k_in=k_in)[:, None],
+           "norm_scale": stack("norm_scale")[:, None], "inv_sw": stack("inv_sw")[:, None],
+           "layer": jnp.ones((), jnp.int32)}
+  shape = (2, 1, 2, k_in) if pre == "glu" else (2, 1, k_in)
+  x = 3 * jax.random.normal(kx, shape, jnp.float32 if pre == "glu" else jnp.bfloat16)
+  pre_scale = 1 + 0.3 * jax.random.normal(ks, (layers, k_in)) if pre == "norm" else None
+  run = lambda: np.asarray(packed.ternary_linear_group(x, group, eps=1e-6, pre=pre, pre_scale=pre_scale,
+                                                       dtype=jnp.bfloat16, raw=True)[0], np.float32)
+  monkeypatch.setattr(ternary_kernel, "MODE", "off")
+  ref = run()
+  monkeypatch.setattr(ternary_kernel, "MODE", "on")
+  got = run()
+  assert got.shape == ref.shape == (2, 1, n_out)
+  # As in the unit test above: float32 rounding, or one activation code at a tie (the reference is rounded
+  # to bfloat16 here, so allow its rounding too).
+  unit = np.abs(ref).max() / 127 * 1.01
+  err = np.abs(got - ref)
+  assert np.all(err <= 2 ** -8 * np.abs(ref) + unit)
+  assert np.mean(err <= 2 ** -8 * np.abs(ref) + 1e-6 * np.abs(ref).max()) > 0.9
+
+
 def test_kernel_rejects_unpadded_rows():
   node = _nodes(jax.random.key(0), 90, 32, 1)[0]  # 23 packed rows; the kernel reads 32
   with pytest.raises(ValueError, match="pad_rows"):
