@@ -43,6 +43,8 @@ flags.DEFINE_bool("decode_kernel", True, "MatMul-free: decode with the Pallas ke
                   "(ternary_kernel.MODE=auto: on GPUs); --nodecode_kernel: XLA's BitLinear (MODE=off).")
 flags.DEFINE_integer("kernel_block_elems", None, "MatMul-free decode kernel: ternary_kernel.BLOCK_ELEMS (default: "
                      "the library's).")
+flags.DEFINE_list("kernel_prologues", None, "MatMul-free decode kernel: ternary_kernel.PROLOGUES (norm, glu; "
+                  "'' for none; default: the library's).")
 flags.DEFINE_integer("kernel_num_warps", None, "MatMul-free decode kernel: ternary_kernel.NUM_WARPS.")
 flags.DEFINE_integer("profile_top", 0, "If > 0: trace one decode of the generate measurement and print this many "
                      "kernel groups (time and launches per token).")
@@ -126,6 +128,8 @@ def run_one(config_path: str, arch: str) -> dict:
   ternary_kernel.MODE = "auto" if FLAGS.decode_kernel else "off"
   ternary_kernel.BLOCK_ELEMS = FLAGS.kernel_block_elems or ternary_kernel.BLOCK_ELEMS
   ternary_kernel.NUM_WARPS = FLAGS.kernel_num_warps or ternary_kernel.NUM_WARPS
+  if FLAGS.kernel_prologues is not None:
+    ternary_kernel.PROLOGUES = tuple(v for v in FLAGS.kernel_prologues if v)
   params = random_params(cfg, model)
   weights = packed.weight_bytes(params)
   sampling = generation.Sampling()
@@ -146,7 +150,8 @@ def run_one(config_path: str, arch: str) -> dict:
          "batch": 1, "new_tokens": FLAGS.new_tokens, "unroll_layers": FLAGS.unroll_layers,
          "ternary_product": packed.default_product() if arch == "hgrn_bit" else None,
          "decode_kernel": ({"enabled": ternary_kernel.enabled(), "block_elems": ternary_kernel.BLOCK_ELEMS,
-                            "num_warps": ternary_kernel.NUM_WARPS} if arch == "hgrn_bit" else None),
+                            "num_warps": ternary_kernel.NUM_WARPS, "prologues": list(ternary_kernel.PROLOGUES)}
+                           if arch == "hgrn_bit" else None),
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   rng = np.random.default_rng(0)
   for name, plen in (("generate", FLAGS.prompt_len), ("long", FLAGS.long_context - FLAGS.new_tokens)):
@@ -195,6 +200,8 @@ def main(argv):
   passthrough += [f"--decode_kernel={FLAGS.decode_kernel}"]
   passthrough += [f"--kernel_block_elems={FLAGS.kernel_block_elems}"] if FLAGS.kernel_block_elems else []
   passthrough += [f"--kernel_num_warps={FLAGS.kernel_num_warps}"] if FLAGS.kernel_num_warps else []
+  if FLAGS.kernel_prologues is not None:
+    passthrough += [f"--kernel_prologues={','.join(FLAGS.kernel_prologues)}"]
   for cfg_path in FLAGS.config:
     for arch in [a for a in ARCHS if a in FLAGS.arch]:
       proc = subprocess.run([sys.executable, "-m", "benchmarks.inference", f"--only={cfg_path}|{arch}"] + passthrough,

@@ -62,13 +62,15 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   cdt, acc, eps = cfg.compute_dtype, dtypes.accum(cfg.compute_dtype), cfg.norm_eps
   lin = lambda v, node: ternary_linear(v.astype(cdt), node, eps=eps)
   a, m = p["attn"], p["mlp"]
-  whole = "fig" in a  # kernel layout: the block norms and the GLU product run in the kernels' launches
-  if whole:
+  whole = "fig" in a  # kernel layout: the kernels read whole stacks; `PROLOGUES` run in their launches
+  pro = ternary_kernel.PROLOGUES if whole else ()
+  if "norm" in pro:
     f_lin, i_lin, g_lin = ternary_linear_group(x, a["fig"], eps=eps, pre="norm", pre_scale=p["attn_norm_stack"],
                                                dtype=cdt)
   else:
     u = _norm(x, p["attn_norm"]["scale"], eps, cdt)
-    f_lin, i_lin, g_lin = (lin(u, a[name]) for name in FIG)
+    f_lin, i_lin, g_lin = (ternary_linear_group(u, a["fig"], eps=eps) if whole else
+                           (lin(u, a[name]) for name in FIG))
   f = jax.nn.sigmoid(f_lin.astype(acc))
   lb = lb.astype(acc)
   f = lb + (1.0 - lb) * f
@@ -81,12 +83,14 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   g = _norm(g_lin, a["g_norm"]["scale"], eps, acc)
   o = (g * jax.nn.silu(h.astype(acc))).astype(cdt)
   r = x + lin(o, a["o_proj"])
-  if whole:
+  if "norm" in pro:
     gu = ternary_linear_group(r, as_group(m["gate_proj"]), eps=eps, pre="norm", pre_scale=p["mlp_norm_stack"],
                               dtype=cdt, raw=True)[0]
+  else:
+    gu = lin(_norm(r, p["mlp_norm"]["scale"], eps, cdt), m["gate_proj"])
+  if "glu" in pro:
     return r + ternary_linear_group(gu, as_group(m["down_proj"]), eps=eps, pre="glu", dtype=cdt)[0], h_last
-  gu = lin(_norm(r, p["mlp_norm"]["scale"], eps, cdt), m["gate_proj"])
-  hid = (jax.nn.silu(gu[..., 0, :].astype(acc)) * gu[..., 1, :]).astype(cdt)
+  hid = (jax.nn.silu(gu[..., 0, :].astype(cdt).astype(acc)) * gu[..., 1, :].astype(cdt)).astype(cdt)
   return r + lin(hid, m["down_proj"]), h_last
 
 

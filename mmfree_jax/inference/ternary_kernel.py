@@ -33,12 +33,16 @@ from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
 MIN_PACKED_ROWS = 64  # fewest packed rows per program (rows past ceil(K / 4) hold zero codes)
-BLOCK_ELEMS = 4096  # packed bytes per program: rows x block_n (H100: see benchmarks/README.md)
+BLOCK_ELEMS = 8192  # packed bytes per program: rows x block_n (H100: see benchmarks/README.md)
 NUM_WARPS = 4
 ZERO_BYTE = 0b01010101  # four zero codes
 MODES = ("auto", "on", "off")
 # auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never (XLA's BitLinear).
 MODE = "auto"
+# Element-wise steps the decoder runs in the kernels' launches (`ternary_matvec(pre=...)`): "norm" (the block's
+# RMSNorm before f/i/g and gate/up), "glu" (silu(gate) * up before down). Each saves a launch of XLA's per layer
+# but lengthens the kernel's own: see benchmarks/README.md for what pays on the H100.
+PROLOGUES = ("norm",)
 
 
 def enabled() -> bool:

@@ -89,7 +89,9 @@ def test_kernel_rejects_unpadded_rows():
                                   node["inv_sw"][None, None], jnp.zeros((1,), jnp.int32), eps=1e-6)
 
 
-def test_decoding_with_the_kernel_matches_xla(kernel_on):
+@pytest.mark.parametrize("prologues", [(), ("norm", "glu")])
+def test_decoding_with_the_kernel_matches_xla(kernel_on, monkeypatch, prologues):
+  monkeypatch.setattr(ternary_kernel, "PROLOGUES", prologues)
   cfg_d = tiny_cfg("hgrn_bit", "float32")
   cfg = model_config(cfg_d)
   params = packed.pack_params(tiny_params(cfg_d, head_gain=5.0), jnp.float32)
