@@ -34,7 +34,7 @@ from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
 MIN_PACKED_ROWS = 64  # fewest packed rows per program (rows past ceil(K / 4) hold zero codes)
 BLOCK_ELEMS = 8192  # packed bytes per program: rows x block_n (H100: see benchmarks/README.md)
-NUM_WARPS = 4
+NUM_WARPS = 8
 ZERO_BYTE = 0b01010101  # four zero codes
 MODES = ("auto", "on", "off")
 # auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never (XLA's BitLinear).
