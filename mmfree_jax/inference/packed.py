@@ -170,36 +170,48 @@ def as_group(node: dict) -> dict:
           "inv_sw": node["inv_sw"][:, None], "layer": node["layer"]}
 
 
-def ternary_linear_group(x, group: dict, *, eps: float = 1e-6, pre: str | None = None, pre_scale=None, dtype=None,
-                         raw: bool = False) -> list:
+def ternary_linear_group(x, group: dict, *, eps: float = 1e-6, pre: str | None = None, pre_scale=None, extra=None,
+                         x_index: int | None = None, dtype=None, raw: bool = False, stacked: bool = False):
   """BitLinears that read the same `x`, stacked on the axis after the layers': `packed [L, G, rows, *out]`,
   `norm_scale [L, G, in]`, `inv_sw [L, G]`, and `layer`, the index into L. G outputs `[..., *out]`, from one
   kernel launch where it applies (the whole stacks are its operands: slicing a layer out would copy it).
 
-  `pre` (with `pre_scale`, `dtype`): the element-wise step before the BitLinears, in the kernel's launch where it
+  `pre` (with `pre_scale`, `extra`): the element-wise step before the BitLinears, in the kernel's launch where it
   applies, else here with XLA (`ternary_kernel.ternary_matvec`): "norm", the block's RMSNorm with the stacked
-  scale `pre_scale [L, in]`; "glu", `x [..., 2, in]` holds a GLU's gate and up, the input is `silu(gate) * up`.
+  scale `pre_scale [L, in]`; "glu", `x [..., 2, in]` holds a GLU's gate and up, the input is `silu(gate) * up`;
+  "gnorm", `rms_norm(x) * pre_scale[layer] * silu(extra)`. `x_index`: the input is `x[x_index]`.
   `dtype`: the compute dtype the input is rounded to (default x's). `raw`: the kernel's float32 outputs as they are
-  (for a consumer that rounds them itself, as the "glu" prologue does).
+  (for a consumer that rounds them itself, as the "glu" prologue does). `stacked`: one array `[G, ..., *out]`
+  instead of a list.
   """
   p, layer = group["packed"], group["layer"]
   out_shape = p.shape[3:]
   dtype = jnp.dtype(dtype or x.dtype)
   k_in = group["norm_scale"].shape[-1]
-  lead = x.shape[:-2] if pre == "glu" else x.shape[:-1]
+  x_in = x if x_index is None else x[x_index]
+  lead = x_in.shape[:-2] if pre == "glu" else x_in.shape[:-1]
+  rows = math.prod(lead)
   finish = lambda o: (o if raw else o.astype(dtype)).reshape(*lead, *out_shape)
-  if not ternary_kernel.applies(math.prod(lead), k_in, dtype, p.shape[2:]):
+  if not ternary_kernel.applies(rows, k_in, dtype, p.shape[2:]):
     acc = dtypes.accum(dtype)
     if pre == "norm":
-      x = (rms_normalize(x, eps) * pre_scale[layer].astype(acc)).astype(dtype)
+      x_in = (rms_normalize(x_in, eps) * pre_scale[layer].astype(acc)).astype(dtype)
     elif pre == "glu":
-      x = (jax.nn.silu(x[..., 0, :].astype(dtype).astype(acc)) * x[..., 1, :].astype(dtype)).astype(dtype)
+      x_in = (jax.nn.silu(x_in[..., 0, :].astype(dtype).astype(acc)) * x_in[..., 1, :].astype(dtype)).astype(dtype)
+    elif pre == "gnorm":
+      g = rms_normalize(x_in.astype(dtype), eps) * pre_scale[layer].astype(acc)
+      x_in = (g * jax.nn.silu(extra.astype(acc))).astype(dtype)
     one = {k: v[layer] for k, v in group.items() if k != "layer"}
-    return [finish(ternary_linear(x.astype(dtype), {k: v[g] for k, v in one.items()}, eps=eps))
+    outs = [finish(ternary_linear(x_in.astype(dtype), {k: v[g] for k, v in one.items()}, eps=eps))
             for g in range(p.shape[1])]
-  out = ternary_kernel.ternary_matvec(x.reshape(math.prod(lead), -1), p.reshape(*p.shape[:3], -1),
-                                      group["norm_scale"], group["inv_sw"], jnp.reshape(layer, (1,)).astype(jnp.int32),
-                                      eps=eps, pre=pre, pre_scale=pre_scale, dtype=dtype)
+    return jnp.stack(outs) if stacked else outs
+  xk = x.reshape(rows, -1) if x_index is None else x.reshape(x.shape[0], rows, -1)
+  out = ternary_kernel.ternary_matvec(xk, p.reshape(*p.shape[:3], -1), group["norm_scale"], group["inv_sw"],
+                                      jnp.reshape(layer, (1,)).astype(jnp.int32), eps=eps, pre=pre,
+                                      pre_scale=pre_scale, extra=None if extra is None else extra.reshape(rows, -1),
+                                      dtype=dtype, x_index=x_index)
+  if stacked:
+    return (out if raw else out.astype(dtype)).reshape(out.shape[0], *lead, *out_shape)
   return [finish(o) for o in out]
 
 

@@ -65,12 +65,13 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
   whole = "fig" in a  # kernel layout: the kernels read whole stacks; `PROLOGUES` run in their launches
   pro = ternary_kernel.PROLOGUES if whole else ()
   if "norm" in pro:
-    f_lin, i_lin, g_lin = ternary_linear_group(x, a["fig"], eps=eps, pre="norm", pre_scale=p["attn_norm_stack"],
-                                               dtype=cdt)
+    fig = ternary_linear_group(x, a["fig"], eps=eps, pre="norm", pre_scale=p["attn_norm_stack"], dtype=cdt, raw=True,
+                               stacked=True)
   else:
     u = _norm(x, p["attn_norm"]["scale"], eps, cdt)
-    f_lin, i_lin, g_lin = (ternary_linear_group(u, a["fig"], eps=eps) if whole else
-                           (lin(u, a[name]) for name in FIG))
+    fig = (ternary_linear_group(u, a["fig"], eps=eps, raw=True, stacked=True) if whole else
+           [lin(u, a[name]) for name in FIG])
+  f_lin, i_lin, g_lin = (v.astype(cdt) for v in fig)
   f = jax.nn.sigmoid(f_lin.astype(acc))
   lb = lb.astype(acc)
   f = lb + (1.0 - lb) * f
@@ -80,9 +81,13 @@ def _block(cfg: ModelConfig, x, p, lb, h0, valid_BT):
     f = jnp.where(valid_BT[..., None], f, jnp.ones_like(f))
     i = jnp.where(valid_BT[..., None], i, jnp.zeros_like(i))
   h, h_last = linear_scan(f, i, h0, None, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
-  g = _norm(g_lin, a["g_norm"]["scale"], eps, acc)
-  o = (g * jax.nn.silu(h.astype(acc))).astype(cdt)
-  r = x + lin(o, a["o_proj"])
+  if "gnorm" in pro:  # the output gate in o's launch, from the group's raw outputs (no slice copied)
+    o_out = ternary_linear_group(fig, as_group(a["o_proj"]), eps=eps, pre="gnorm", x_index=2,
+                                 pre_scale=p["g_norm_stack"], extra=h, dtype=cdt)[0]
+  else:
+    g = _norm(g_lin, a["g_norm"]["scale"], eps, acc)
+    o_out = lin((g * jax.nn.silu(h.astype(acc))).astype(cdt), a["o_proj"])
+  r = x + o_out
   if "norm" in pro:
     gu = ternary_linear_group(r, as_group(m["gate_proj"]), eps=eps, pre="norm", pre_scale=p["mlp_norm_stack"],
                               dtype=cdt, raw=True)[0]
@@ -121,7 +126,7 @@ def hidden(cfg: ModelConfig, w: dict, tokens_BT, valid_BT, cache: dict, unroll: 
     p, lb, h0, index = xs
     if whole:  # whole stacks (and the layer index) for the kernels, which read their layer in place
       p = dict(_with_bitlinears(layers, p, index), attn_norm_stack=layers["attn_norm"]["scale"],
-               mlp_norm_stack=layers["mlp_norm"]["scale"])
+               mlp_norm_stack=layers["mlp_norm"]["scale"], g_norm_stack=layers["attn"]["g_norm"]["scale"])
     return _block(cfg, x, p, lb, h0, valid_BT)
 
   xs = (rest, lbs, cache["h"], jnp.arange(cfg.n_layers, dtype=jnp.int32))

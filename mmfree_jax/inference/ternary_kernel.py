@@ -82,8 +82,9 @@ def pad_rows(packed: jax.Array, axis: int, k_in: int) -> jax.Array:
 
 
 def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, *rest, k_in: int, groups: int, rows: int, bn: int, eps: float,
-            pre: str | None, dtype):
-  pre_ref, o_ref = rest if pre == "norm" else (None, rest[0])
+            pre: str | None, dtype, x_offset: int):
+  *ins, o_ref = rest
+  pre_ref, e_ref = (ins + [None, None])[:2]  # norm: [pre_scale]; gnorm: [pre_scale, extra]; else none
   g, m, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   lg = layer_ref[0] * groups + g  # this program's matrix in the stacks
   n = -(-k_in // 4)
@@ -98,7 +99,13 @@ def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, *rest, k_in: int, groups: int
     ups = [rounded(load(x_ref, 2 * m * k_in + k_in, k)) for k in range(4)]
     xs = [rounded(a * (1.0 / (1.0 + jnp.exp(-a))) * b) for a, b in zip(gates, ups)]
   else:
-    xs = [load(x_ref, m * k_in, k) for k in range(4)]
+    xs = [load(x_ref, x_offset + m * k_in, k) for k in range(4)]
+  if pre == "gnorm":  # the token mixer's output gate: rms_norm(round(x)) * scale * silu(extra), as MLGRU computes it
+    xs = [rounded(v) for v in xs]
+    ps = [load(pre_ref, layer_ref[0] * k_in, k) for k in range(4)]
+    hs = [load(e_ref, m * k_in, k) for k in range(4)]
+    rstd0 = 1.0 / jnp.sqrt(sum(jnp.sum(v * v) for v in xs) / k_in + eps)
+    xs = [rounded(v * rstd0 * p * (h * (1.0 / (1.0 + jnp.exp(-h))))) for v, p, h in zip(xs, ps, hs)]
   if pre == "norm":  # the block's RMSNorm (scale stack [L, k_in]) before the BitLinear's own
     ps = [load(pre_ref, layer_ref[0] * k_in, k) for k in range(4)]
     rstd0 = 1.0 / jnp.sqrt(sum(jnp.sum(v * v) for v in xs) / k_in + eps)
@@ -118,12 +125,12 @@ def _kernel(layer_ref, x_ref, s_ref, w_ref, p_ref, *rest, k_in: int, groups: int
   o_ref[...] = acc * ((1.0 / scale) * w_ref[lg])  # the grouping of packed.ternary_linear
 
 
-PRES = (None, "norm", "glu")
+PRES = (None, "norm", "glu", "gnorm")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "pre", "dtype"))
+@functools.partial(jax.jit, static_argnames=("eps", "pre", "dtype", "x_index"))
 def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float, pre: str | None = None, pre_scale=None,
-                   dtype=None):
+                   extra=None, dtype=None, x_index: int | None = None):
   """`x [M, K]` against layer `layer` (int32 `[1]`) of the stacks `packed [L, G, rows, N]` (rows padded, see the
   module docstring), `norm_scale [L, G, K]`, `inv_sw [L, G]` -> `[G, M, N]` float32. The stacks are operands
   whole, so that no slice of them is copied per call.
@@ -133,11 +140,15 @@ def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float, pre: str
     "norm"  the input is `rms_norm(x) * pre_scale[layer]` rounded to `dtype` (the block's RMSNorm; `pre_scale
             [L, K]`);
     "glu"   `x [M, 2K]` holds a GLU's gate and up halves: the input is `silu(gate) * up`, each rounded to `dtype`
-            first and the product after.
+            first and the product after;
+    "gnorm" the MLGRU's output gate: `rms_norm(x) * pre_scale[layer] * silu(extra)` with `extra [M, K]` (the
+            recurrence output), x rounded to `dtype` first and the product after.
+  `x_index`: x is `[n, M, K]` and its row `x_index` is the input (no slice of it is copied).
   """
   if pre not in PRES:
     raise ValueError(f"ternary_matvec: pre={pre!r}: expected one of {PRES}")
-  m_rows, k_in = x.shape
+  m_rows, k_in = x.shape[-2:]
+  x_offset = 0 if x_index is None else x_index * m_rows * k_in
   if pre == "glu":
     k_in //= 2
   _, groups, rows, n_out = packed.shape
@@ -146,11 +157,13 @@ def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float, pre: str
     raise ValueError(f"ternary_matvec: packed {packed.shape} for {k_in} inputs: expected {padded_rows(k_in)} rows "
                      "(pad_rows) and N a multiple of 16")
   kernel = functools.partial(_kernel, k_in=k_in, groups=groups, rows=rows, bn=bn, eps=eps, pre=pre,
-                             dtype=jnp.dtype(dtype or x.dtype))
+                             dtype=jnp.dtype(dtype or x.dtype), x_offset=x_offset)
   operands = [layer, x.reshape(-1), norm_scale.astype(jnp.float32).reshape(-1),
               inv_sw.astype(jnp.float32).reshape(-1), packed]
-  if pre == "norm":
+  if pre in ("norm", "gnorm"):
     operands.append(pre_scale.astype(jnp.float32).reshape(-1))
+  if pre == "gnorm":
+    operands.append(extra.reshape(-1))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((groups, m_rows, n_out), jnp.float32),

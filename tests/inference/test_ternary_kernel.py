@@ -54,9 +54,10 @@ def test_kernel_matches_xla_bitlinear(monkeypatch, k_in, n_out, groups, rows):
     assert np.mean(err <= 1e-5 * np.abs(ref).max()) > 0.95
 
 
-@pytest.mark.parametrize("pre", ["norm", "glu"])
+@pytest.mark.parametrize("pre", ["norm", "glu", "gnorm"])
 def test_prologues_match_xla(monkeypatch, pre):
-  # The block's RMSNorm ("norm") or the GLU product ("glu") in the kernel's launch vs the same step in XLA.
+  # The block's RMSNorm ("norm"), the GLU product ("glu") or the MLGRU's output gate ("gnorm", reading its input
+  # as row 2 of a stack) in the kernel's launch vs the same step in XLA.
   k_in, n_out, layers = 64, 32, 2
   kx, kw, ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 3)
   nodes = _nodes(kw, k_in, n_out, layers)
@@ -64,11 +65,13 @@ def test_prologues_match_xla(monkeypatch, pre):
   group = {"packed": ternary_kernel.pad_rows(stack("packed"), axis=1, k_in=k_in)[:, None],
            "norm_scale": stack("norm_scale")[:, None], "inv_sw": stack("inv_sw")[:, None],
            "layer": jnp.ones((), jnp.int32)}
-  shape = (2, 1, 2, k_in) if pre == "glu" else (2, 1, k_in)
-  x = 3 * jax.random.normal(kx, shape, jnp.float32 if pre == "glu" else jnp.bfloat16)
-  pre_scale = 1 + 0.3 * jax.random.normal(ks, (layers, k_in)) if pre == "norm" else None
-  run = lambda: np.asarray(packed.ternary_linear_group(x, group, eps=1e-6, pre=pre, pre_scale=pre_scale,
-                                                       dtype=jnp.bfloat16, raw=True)[0], np.float32)
+  shape = {"glu": (2, 1, 2, k_in), "norm": (2, 1, k_in), "gnorm": (3, 2, 1, k_in)}[pre]
+  x = 3 * jax.random.normal(kx, shape, jnp.bfloat16 if pre == "norm" else jnp.float32)
+  pre_scale = 1 + 0.3 * jax.random.normal(ks, (layers, k_in)) if pre != "glu" else None
+  extra = jax.random.normal(ks, (2, 1, k_in), jnp.bfloat16) if pre == "gnorm" else None
+  run = lambda: np.asarray(packed.ternary_linear_group(x, group, eps=1e-6, pre=pre, pre_scale=pre_scale, extra=extra,
+                                                       x_index=2 if pre == "gnorm" else None, dtype=jnp.bfloat16,
+                                                       raw=True)[0], np.float32)
   monkeypatch.setattr(ternary_kernel, "MODE", "off")
   ref = run()
   monkeypatch.setattr(ternary_kernel, "MODE", "on")
@@ -89,7 +92,7 @@ def test_kernel_rejects_unpadded_rows():
                                   node["inv_sw"][None, None], jnp.zeros((1,), jnp.int32), eps=1e-6)
 
 
-@pytest.mark.parametrize("prologues", [(), ("norm", "glu")])
+@pytest.mark.parametrize("prologues", [(), ("norm", "glu", "gnorm")])
 def test_decoding_with_the_kernel_matches_xla(kernel_on, monkeypatch, prologues):
   monkeypatch.setattr(ternary_kernel, "PROLOGUES", prologues)
   cfg_d = tiny_cfg("hgrn_bit", "float32")
