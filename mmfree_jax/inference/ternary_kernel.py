@@ -40,9 +40,10 @@ MODES = ("auto", "on", "off")
 # auto: on GPUs; on: everywhere (interpret mode off GPUs, for tests); off: never (XLA's BitLinear).
 MODE = "auto"
 # Element-wise steps the decoder runs in the kernels' launches (`ternary_matvec(pre=...)`): "norm" (the block's
-# RMSNorm before f/i/g and gate/up), "glu" (silu(gate) * up before down). Each saves a launch of XLA's per layer
-# but lengthens the kernel's own: see benchmarks/README.md for what pays on the H100.
-PROLOGUES = ("norm",)
+# RMSNorm before f/i/g and gate/up), "glu" (silu(gate) * up before down), "gnorm" (the MLGRU's output gate before
+# o). Each saves launches of XLA's kernels per layer and lengthens the kernel's own; on the H100 (370M, 8 warps,
+# 8192 bytes) all three together decode fastest (benchmarks/README.md).
+PROLOGUES = ("norm", "glu", "gnorm")
 
 
 def enabled() -> bool:
