@@ -121,7 +121,9 @@ def decode_loop(cfg: ModelConfig, w, logits_BV, cache, key, eos_id, pad_id, max_
 def _generate(params, tokens_BP, valid_BP, key, eos_id, pad_id, *, cfg, max_new, sampling):
   w = family(cfg).prepare(cfg, params)
   logits, cache = prefill(cfg, w, tokens_BP, valid_BP, tokens_BP.shape[1] + max_new)
-  return decode_loop(cfg, w, logits, cache, key, eos_id, pad_id, max_new, sampling)
+  # On GPUs the layer loop is written out (as benchmarks.inference measures); elsewhere a loop (compile time).
+  return decode_loop(cfg, w, logits, cache, key, eos_id, pad_id, max_new, sampling,
+                     unroll_layers=jax.default_backend() == "gpu")
 
 
 def generate(model_cfg, params, prompts_tokens: Sequence[Sequence[int]], *, max_new_tokens: int,

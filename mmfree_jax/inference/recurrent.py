@@ -29,9 +29,9 @@ FIG = ("f_proj", "i_proj", "g_proj")  # the token mixer's projections of the sam
 def prepare(cfg: ModelConfig, params: dict) -> dict:
   """Quantizes latent BitLinear weights once (int8 ternary + 1/s_w); packed weights stay packed.
 
-  Where the decode kernel is enabled (`ternary_kernel.MODE`: on GPUs by default), every BitLinear is packed instead, rows
-  padded for the kernel, and each layer's f, i and g projections are stacked into one `fig` node (one launch per
-  token).
+  Where the decode kernel is enabled (`ternary_kernel.MODE`: on GPUs by default), every BitLinear is packed
+  instead, rows padded for the kernel, and each layer's f, i and g projections are stacked into one `fig` node
+  (one launch per token).
   """
   del cfg
   if not ternary_kernel.enabled():
