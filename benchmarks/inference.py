@@ -129,7 +129,11 @@ def run_one(config_path: str, arch: str) -> dict:
   ternary_kernel.BLOCK_ELEMS = FLAGS.kernel_block_elems or ternary_kernel.BLOCK_ELEMS
   ternary_kernel.NUM_WARPS = FLAGS.kernel_num_warps or ternary_kernel.NUM_WARPS
   if FLAGS.kernel_prologues is not None:
-    ternary_kernel.PROLOGUES = tuple(v for v in FLAGS.kernel_prologues if v)
+    chosen = tuple(v for v in FLAGS.kernel_prologues if v)
+    known = [p for p in ternary_kernel.PRES if p]
+    if set(chosen) - set(known):
+      raise app.UsageError(f"--kernel_prologues={','.join(chosen)}: expected a subset of {known}")
+    ternary_kernel.PROLOGUES = chosen
   params = random_params(cfg, model)
   weights = packed.weight_bytes(params)
   sampling = generation.Sampling()
