@@ -37,15 +37,10 @@ def resets_from_segments(segment_ids):
   return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
 
 
-def _prepare(a, b, h0, resets):
-  state = dtypes.accum(b.dtype)
-  a = a.astype(state)
-  b = b.astype(state)
-  if resets is not None:
-    a = jnp.where(resets[..., None], 0, a)
-  if h0 is not None:
-    b = b.at[:, 0].add(a[:, 0] * h0.astype(state))
-  return a, b
+def _with_h0(scan, a, b, h0):
+  """`scan` of `a`, `b` (input dtype) in h0's state dtype, the initial state folded into the first `b`."""
+  a = a.astype(h0.dtype)
+  return scan(a, b.astype(h0.dtype).at[:, 0].add(a[:, 0] * h0))
 
 
 def _combine(x, y):
@@ -102,9 +97,7 @@ def _parallel_scan(a, b, h0, impl, chunk):
 
 def _parallel_fwd(a, b, h0, impl, chunk):
   """`a`, `b` in the input dtype (resets already applied to `a`), `h0` [B, D] in the state dtype."""
-  state = h0.dtype
-  a_s = a.astype(state)
-  h = _parallel(a_s, b.astype(state).at[:, 0].add(a_s[:, 0] * h0), impl, chunk)
+  h = _with_h0(lambda a_s, b_s: _parallel(a_s, b_s, impl, chunk), a, b, h0)
   out = checkpoint_name(h.astype(b.dtype), OUTPUT_NAME)
   return (out, h[:, -1]), (a, out, h0)
 
@@ -127,13 +120,11 @@ def linear_scan(a, b, h0=None, resets=None, *, impl: str = "associative", chunk:
   """`h_t = a_t * h_{t-1} + b_t`; returns `(h, h_T)`. See the module docstring."""
   if impl not in IMPLS:
     raise ValueError(f"unknown scan impl {impl!r}; expected one of {IMPLS}")
+  state = dtypes.accum(b.dtype)
+  if resets is not None:
+    a = jnp.where(resets[..., None], jnp.zeros((), a.dtype), a)
+  h0 = jnp.zeros((b.shape[0], b.shape[2]), state) if h0 is None else h0.astype(state)
   if impl != "sequential":
-    state = dtypes.accum(b.dtype)
-    if resets is not None:
-      a = jnp.where(resets[..., None], jnp.zeros((), a.dtype), a)
-    h0 = jnp.zeros((b.shape[0], b.shape[2]), state) if h0 is None else h0.astype(state)
     return _parallel_scan(a, b, h0, impl, chunk)
-  out_dtype = b.dtype
-  a, b = _prepare(a, b, h0, resets)
-  h = _sequential(a, b)
-  return checkpoint_name(h.astype(out_dtype), OUTPUT_NAME), h[:, -1]
+  h = _with_h0(_sequential, a, b, h0)
+  return checkpoint_name(h.astype(b.dtype), OUTPUT_NAME), h[:, -1]
