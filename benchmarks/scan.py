@@ -1,6 +1,9 @@
 """The token-mixer recurrence h_t = a_t h_{t-1} + b_t: forward and forward+backward time per backend.
 
-  python -m benchmarks.scan [--shape=8,2048,2048] [--dtype=bfloat16] [--impls=associative,chunked:64,...]
+  python -m benchmarks.scan [--shape=8,2048,2048] [--dtype=bfloat16] [--impls=associative,chunked:64,pallas,...]
+
+`chunked:<chunk>` sets the chunk length; `pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>` the GPU kernel's tiling
+(`layers/recurrence_kernel.py`; plain `pallas` keeps its defaults).
 
 bf16 (or float32) inputs, float32 state, as the model runs it. Median of synchronized repeats after warm-up;
 appends JSON lines to benchmarks/results/scan.jsonl.
@@ -8,37 +11,26 @@ appends JSON lines to benchmarks/results/scan.jsonl.
 
 import datetime
 import json
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
 
+from benchmarks import timing
+
 flags.DEFINE_string("shape", "8,2048,2048", "B,T,D")
 flags.DEFINE_string("dtype", "bfloat16", "input dtype")
-flags.DEFINE_string("impls", "associative,chunked:32,chunked:64,chunked:128,chunked:256,sequential",
+flags.DEFINE_string("impls", "associative,chunked:128,pallas,sequential",
                     "backends (chunked:<chunk>)")
 flags.DEFINE_integer("repeats", 20, "timed repeats")
 flags.DEFINE_string("out", "benchmarks/results/scan.jsonl", "results file")
-
-
-def _time(fn, *args, repeats: int) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
 
 
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.layers import recurrence_kernel  # pylint: disable=g-import-not-at-top
   from mmfree_jax.layers.recurrence import linear_scan  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   shape = tuple(int(s) for s in f.shape.split(","))
@@ -46,22 +38,22 @@ def main(argv):
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.nn.sigmoid(jax.random.normal(k1, shape) + 2).astype(dt)
   b = jax.random.normal(k2, shape).astype(dt)
-  rows = []
   for spec in f.impls.split(","):
-    impl, _, chunk = spec.partition(":")
-    kw = dict(impl=impl, chunk=int(chunk or 128))
+    impl, *params = spec.split(":")
+    kw = dict(impl=impl, chunk=int(params[0]) if impl == "chunked" and params else 128)
+    if impl == "pallas" and params:
+      (recurrence_kernel.BLOCK_D, recurrence_kernel.UNROLL, recurrence_kernel.NUM_WARPS,
+       recurrence_kernel.PREFETCH) = (int(p) for p in params)
     fwd = jax.jit(lambda a_, b_, kw=kw: linear_scan(a_, b_, **kw)[0])
     loss = lambda a_, b_, kw=kw: jnp.sum(linear_scan(a_, b_, **kw)[0].astype(jnp.float32))
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
     reps = 3 if impl == "sequential" else f.repeats
     row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
-           "shape": list(shape), "dtype": f.dtype, "fwd_ms": round(_time(fwd, a, b, repeats=reps) * 1e3, 3),
-           "fwd_bwd_ms": round(_time(bwd, a, b, repeats=reps) * 1e3, 3), "jax": jax.__version__,
+           "shape": list(shape), "dtype": f.dtype, "fwd_ms": round(timing.median_time(fwd, a, b, repeats=reps) * 1e3, 3),
+           "fwd_bwd_ms": round(timing.median_time(bwd, a, b, repeats=reps) * 1e3, 3), "jax": jax.__version__,
            "command": "python -m benchmarks.scan " + " ".join(sys.argv[1:])}
-    rows.append(row)
     print(f"SCAN {spec:>14}  fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms", flush=True)
-  with open(f.out, "a") as fh:
-    for row in rows:
+    with open(f.out, "a") as fh:  # line by line: a sweep cut short keeps what it measured
       fh.write(json.dumps(row) + "\n")
 
 

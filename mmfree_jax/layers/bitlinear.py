@@ -17,6 +17,9 @@ Three implementations (`impl`), identical in value:
            arithmetic (accumulate ternary-signed int8 activations), then one float rescale.
   vanilla  plain autodiff through `y + stop_gradient(q(y) - y)`: keeps the normalized and quantized activations
            for the backward pass. The reference and the ablation baseline.
+  pallas   vanilla with the activation path (norm, absmax, quantize; and its backward) in one GPU kernel per
+           direction (`bitlinear_kernel`; interpret mode off GPUs), the product a GEMM as in vanilla.
+  auto     pallas on GPUs, vanilla elsewhere.
 """
 
 import functools
@@ -30,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.norm import rms_normalize
 
-IMPLS = ("fused", "int8", "vanilla")
+IMPLS = ("fused", "int8", "vanilla", "pallas", "auto")
 SCALE_FLOOR = 1e-5
 
 
@@ -108,17 +111,34 @@ def _recompute_bwd(eps, impl, res, dout):
 _bitlinear_recompute.defvjp(_recompute_fwd, _recompute_bwd)
 
 
-def _bitlinear_vanilla(x, g, w, eps, xhat=None):
+def _quantized_input_xla(x, g, eps, xhat=None):
   if xhat is None:
     xhat = rms_normalize(x, eps)
   y = xhat * g.astype(xhat.dtype)
   qx, inv_sx = quantize_activations(y)
-  y_q = y + lax.stop_gradient(qx * inv_sx - y)
+  return y + lax.stop_gradient(qx * inv_sx - y)
+
+
+def _bitlinear_vanilla(x, g, w, eps, xhat=None, kernel=False):
+  if kernel:
+    from mmfree_jax.layers import bitlinear_kernel  # pylint: disable=g-import-not-at-top  (it imports this module)
+    y_q = bitlinear_kernel.quantized_input(x, g, eps)
+  else:
+    y_q = _quantized_input_xla(x, g, eps, xhat)
   w32 = w.astype(dtypes.accum(w.dtype))
   qw, inv_sw = quantize_weight(w32)
   w_q = w32 + lax.stop_gradient(qw * inv_sw - w32)
   # Product in the compute dtype: a float32 result would make the backward GEMMs float32 (see layers.dense).
   return _matmul(y_q.astype(x.dtype), w_q.astype(x.dtype), x.dtype)
+
+
+def resolve(impl: str) -> str:
+  """`impl` with "auto" resolved for the default backend; a ValueError for an unknown one."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown BitLinear impl {impl!r}; expected one of {IMPLS}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "vanilla"
+  return impl
 
 
 def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", xhat=None):
@@ -128,14 +148,14 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   (e.g. the GLU's fused gate/up `[d, 2, I]`) is one matrix: one weight scale over all of it.
   `xhat`, optional: `rms_normalize(x, eps)` computed by the caller, for BitLinears that read the same input
   (the MLGRU's f/i/g): autodiff then sums their cotangents and runs the normalization's backward once. The
-  same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves).
+  same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves, and `pallas`
+  reads `x` in its kernel).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown BitLinear impl {impl!r}; expected one of {IMPLS}")
+  impl = resolve(impl)
   out_shape = kernel.shape[1:]
   kernel = kernel.reshape(kernel.shape[0], -1)
-  if impl == "vanilla":
-    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat)
+  if impl in ("vanilla", "pallas"):
+    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, kernel=impl == "pallas")
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 
 from mmfree_jax.layers import dtypes
-from mmfree_jax.layers.bitlinear import BitLinear
+from mmfree_jax.layers.bitlinear import BitLinear, resolve
 from mmfree_jax.layers.norm import RMSNorm, rms_normalize
 from mmfree_jax.layers.recurrence import linear_scan
 from mmfree_jax.model_config import ModelConfig
@@ -31,7 +31,7 @@ class MLGRU(nn.Module):
         cfg.d_model, axes=axes, kernel_init=PROJ_INIT, eps=cfg.norm_eps, impl=cfg.bitlinear,
         dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
     # f/i/g read the same input: normalize it once (one normalization backward on their summed cotangents).
-    xhat = rms_normalize(x_BTD.astype(cfg.compute_dtype), cfg.norm_eps) if cfg.bitlinear == "vanilla" else None
+    xhat = rms_normalize(x_BTD.astype(cfg.compute_dtype), cfg.norm_eps) if resolve(cfg.bitlinear) == "vanilla" else None
     f = jax.nn.sigmoid(proj("f_proj")(x_BTD, xhat).astype(acc))
     lb = lower_bound_D.astype(acc)
     f = lb + (1.0 - lb) * f

@@ -9,6 +9,9 @@ h_T [B, D] in the state dtype)`.
   associative  `lax.associative_scan` with the pair operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2).
   chunked      associative scans inside fixed-length chunks (in parallel), a sequential scan across the chunk
                boundaries (T / chunk steps on a [B, D] state), then one fix-up multiply-add.
+  pallas       a GPU kernel per direction (`recurrence_kernel`): each program walks time for a block of channels,
+               reading and writing every element once (interpret mode off GPUs).
+  auto         pallas on GPUs, associative elsewhere.
 
 `sequential` is differentiated by plain autodiff (the reference). The parallel backends carry a custom VJP: the
 backward of a linear recurrence is the same recurrence run backwards,
@@ -27,8 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmfree_jax.layers import dtypes
+from mmfree_jax.layers import recurrence_kernel
 
-IMPLS = ("sequential", "associative", "chunked")
+IMPLS = ("sequential", "associative", "chunked", "pallas", "auto")
 
 
 def resets_from_segments(segment_ids):
@@ -124,6 +128,10 @@ def linear_scan(a, b, h0=None, resets=None, *, impl: str = "associative", chunk:
   if resets is not None:
     a = jnp.where(resets[..., None], jnp.zeros((), a.dtype), a)
   h0 = jnp.zeros((b.shape[0], b.shape[2]), state) if h0 is None else h0.astype(state)
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() == "gpu" else "associative"
+  if impl == "pallas":
+    return recurrence_kernel.linear_scan(a, b, h0, output_name=OUTPUT_NAME)
   if impl != "sequential":
     return _parallel_scan(a, b, h0, impl, chunk)
   h = _with_h0(_sequential, a, b, h0)

@@ -171,3 +171,39 @@ def test_shared_normalization_same_values_and_gradients(x64):
 def test_unknown_impl_is_an_error():
   with pytest.raises(ValueError, match="unknown BitLinear impl"):
     bl.bitlinear(jnp.ones((1, 4)), jnp.ones(4), jnp.ones((4, 2)), impl="fp8")
+
+
+def test_kernel_bfloat16_rows_and_widths_match_vanilla():
+  """The GPU kernel (interpret mode here) on bf16 inputs: odd rows, a width of three power-of-two pieces."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(3, 7, 352)), jnp.bfloat16)  # 21 rows; 352 = 256 + 64 + 32
+  g = jnp.asarray(rng.uniform(0.5, 1.5, 352), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(352, 40)) * 0.02, jnp.float32)
+  dout = jnp.asarray(rng.normal(size=(3, 7, 40)), jnp.bfloat16)
+  f = lambda impl, *a: jnp.sum((bl.bitlinear(*a, impl=impl) * dout).astype(jnp.float32))
+  ref = jax.value_and_grad(lambda *a: f("vanilla", *a), argnums=(0, 1, 2))(x, g, w)
+  got = jax.value_and_grad(lambda *a: f("pallas", *a), argnums=(0, 1, 2))(x, g, w)
+  # Both round y_q and the products to bf16 (8 significant bits); float32 sums in different orders can move a
+  # quantization code by one or a bf16 rounding by one ulp: a few bf16 ulps of each result's scale.
+  for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    r, k = np.asarray(r, np.float32), np.asarray(k, np.float32)
+    np.testing.assert_allclose(k, r, rtol=0, atol=4 * 2 ** -8 * np.abs(r).max())
+
+
+def test_kernel_under_a_mesh_matches_vanilla():
+  """Under a (data, fsdp, tensor) mesh the kernel runs per device on its rows; dg sums over devices."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(8, 4, 64)), jnp.float32)
+  g = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 32)) * 0.02, jnp.float32)
+  dout = jnp.asarray(rng.normal(size=(8, 4, 32)), jnp.float32)
+  f = lambda impl: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(bl.bitlinear(*a, impl=impl) * dout), (0, 1, 2)))
+  ref = f("vanilla")(x, g, w)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    got = f("pallas")(jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH))), g, w)
+  for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6)
