@@ -7,8 +7,8 @@ Backward (straight through the quantizer, as the vanilla layer): with dy = the c
   dg = sum over rows of dy * xhat,   dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),  dxhat = dy * g,
 recomputing rstd and xhat from x. XLA spends each direction in several fusions (a reduction for the norm, another
 for the absmax, an element-wise pass, float32 intermediates written out); here each program walks `ROWS_PER_PROGRAM`
-rows, `ROWS_PER_STEP` per loop iteration, reading a row once and writing its result once. The backward's dg is
-accumulated per program in registers and summed over programs by XLA.
+rows in tiles of `ROWS_PER_STEP` rows (whole rows: the reductions stay in the tile), reading each element once and
+writing each result once. The backward's dg is accumulated per program and summed over programs by XLA.
 
 A row of any width K is handled as power-of-two pieces (K's binary digits), so no load is masked. Off GPUs the kernels run in
 Pallas' interpret mode (tests); under a mesh each device runs them on its rows (`pallas_util.per_device`), with the
@@ -28,7 +28,7 @@ from mmfree_jax.layers import pallas_util
 from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
 ROWS_PER_PROGRAM = 32  # (the largest power of two <= this dividing the number of rows)
-ROWS_PER_STEP = 4  # rows per loop iteration, their loads issued together
+ROWS_PER_STEP = 8  # rows per tile (one loop iteration): [rows, K] loaded, reduced and stored at once
 NUM_WARPS = 4
 ROW_AXES = ("act_batch", None)  # [rows, K]: rows over the batch's mesh axes, the width whole
 
@@ -56,28 +56,27 @@ def _geometry(n_rows: int):
   return per_prog, _pow2_divisor(per_prog, ROWS_PER_STEP), n_rows // per_prog
 
 
-def _walk_rows(n_rows, visit, init):
-  """`visit(carry, row)` over this program's rows, a few per loop iteration."""
+def _walk_tiles(n_rows, visit, init):
+  """`visit(carry, first_row, rows)` over this program's tiles of `rows` rows, one per loop iteration."""
   per_prog, step, _ = _geometry(n_rows)
   first = pl.program_id(0) * per_prog
-
-  def body(c, carry):
-    for u in range(step):
-      carry = visit(carry, first + c * step + u)
-    return carry
-
-  return lax.fori_loop(0, per_prog // step, body, init)
+  return lax.fori_loop(0, per_prog // step, lambda c, carry: visit(carry, first + c * step, step), init)
 
 
-def _load_row(ref, row, pieces):
-  return [ref[row, pl.ds(o, n)].astype(dtypes.accum(ref.dtype)) for o, n in pieces]
+def _load(ref, r0, rows, pieces):
+  """A [rows, K] tile as [rows, n] pieces in the accumulation dtype."""
+  return [ref[pl.ds(r0, rows), pl.ds(o, n)].astype(dtypes.accum(ref.dtype)) for o, n in pieces]
+
+
+def _row_sum(vs):
+  return sum(jnp.sum(v, axis=1, keepdims=True) for v in vs)
 
 
 def _stats(x, g, k, eps):
-  """(xhat, y, rstd) of one row, as lists of pieces in the accumulation dtype."""
-  rstd = lax.rsqrt(sum(jnp.sum(v * v) for v in x) / k + eps)
+  """(xhat, y, rstd [rows, 1]) of a tile of rows given as pieces, in the accumulation dtype."""
+  rstd = lax.rsqrt(_row_sum([v * v for v in x]) / k + eps)
   xhat = [v * rstd for v in x]
-  return xhat, [v * w for v, w in zip(xhat, g)], rstd
+  return xhat, [v * w[None] for v, w in zip(xhat, g)], rstd
 
 
 def _forward_kernel(x_ref, g_ref, o_ref, *, eps):
@@ -85,15 +84,16 @@ def _forward_kernel(x_ref, g_ref, o_ref, *, eps):
   pieces = _pieces(k)
   g = [g_ref[pl.ds(o, n)] for o, n in pieces]
 
-  def visit(carry, row):
-    _, y, _ = _stats(_load_row(x_ref, row, pieces), g, k, eps)
-    scale = 127.0 / jnp.maximum(functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v)) for v in y]), SCALE_FLOOR)
+  def visit(carry, r0, rows):
+    _, y, _ = _stats(_load(x_ref, r0, rows, pieces), g, k, eps)
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1, keepdims=True) for v in y])
+    scale = 127.0 / jnp.maximum(amax, SCALE_FLOOR)
     for (o, n), v in zip(pieces, y):
       q = jnp.clip(round_half_away(v * scale), -128.0, 127.0)
-      o_ref[row, pl.ds(o, n)] = (q * (1.0 / scale)).astype(o_ref.dtype)
+      o_ref[pl.ds(r0, rows), pl.ds(o, n)] = (q * (1.0 / scale)).astype(o_ref.dtype)
     return carry
 
-  _walk_rows(n_rows, visit, 0)
+  _walk_tiles(n_rows, visit, 0)
 
 
 def _backward_kernel(x_ref, g_ref, dy_ref, dx_ref, dg_ref, *, eps):
@@ -101,16 +101,16 @@ def _backward_kernel(x_ref, g_ref, dy_ref, dx_ref, dg_ref, *, eps):
   pieces = _pieces(k)
   g = [g_ref[pl.ds(o, n)] for o, n in pieces]
 
-  def visit(dg, row):
-    xhat, _, rstd = _stats(_load_row(x_ref, row, pieces), g, k, eps)
-    dy = _load_row(dy_ref, row, pieces)
-    dxhat = [d * w for d, w in zip(dy, g)]
-    mean = sum(jnp.sum(d * v) for d, v in zip(dxhat, xhat)) / k
+  def visit(dg, r0, rows):
+    xhat, _, rstd = _stats(_load(x_ref, r0, rows, pieces), g, k, eps)
+    dy = _load(dy_ref, r0, rows, pieces)
+    dxhat = [d * w[None] for d, w in zip(dy, g)]
+    mean = _row_sum([d * v for d, v in zip(dxhat, xhat)]) / k
     for (o, n), d, v in zip(pieces, dxhat, xhat):
-      dx_ref[row, pl.ds(o, n)] = (rstd * (d - v * mean)).astype(dx_ref.dtype)
-    return [a + d * v for a, d, v in zip(dg, dy, xhat)]
+      dx_ref[pl.ds(r0, rows), pl.ds(o, n)] = (rstd * (d - v * mean)).astype(dx_ref.dtype)
+    return [a + jnp.sum(d * v, axis=0) for a, d, v in zip(dg, dy, xhat)]
 
-  dg = _walk_rows(n_rows, visit, [jnp.zeros((n,), g_ref.dtype) for _, n in pieces])
+  dg = _walk_tiles(n_rows, visit, [jnp.zeros((n,), g_ref.dtype) for _, n in pieces])
   for (o, n), v in zip(pieces, dg):
     dg_ref[pl.program_id(0), pl.ds(o, n)] = v
 
