@@ -1,9 +1,9 @@
 """One BitLinear's forward and forward+backward time: XLA's vanilla layer against the activation-path kernel.
 
   python -m benchmarks.bitlinear_kernel [--rows=32768] [--shapes=1024x1024,2816x1024,1024x5632] \
-      [--impls=vanilla,pallas,pallas:32:4:4]
+      [--impls=vanilla,pallas,pallas:32:8192:4]
 
-`pallas:<rows_per_program>:<rows_per_step>:<num_warps>` sets the kernel's tiling (`layers/bitlinear_kernel.py`;
+`pallas:<rows_per_program>:<tile_elems>:<num_warps>` sets the kernel's tiling (`layers/bitlinear_kernel.py`;
 plain `pallas` keeps its defaults). bf16 input and output, float32 latent weights, as in training. Median of
 synchronized repeats after warm-up; appends JSON lines to benchmarks/results/bitlinear_kernel.jsonl.
 """
@@ -19,7 +19,7 @@ from benchmarks import timing
 
 flags.DEFINE_integer("rows", 32768, "tokens (rows of the input)")
 flags.DEFINE_string("shapes", "1024x1024,2816x1024,1024x5632", "in x out features")
-flags.DEFINE_string("impls", "vanilla,pallas", "BitLinear impls (pallas:<rows_per_program>:<rows_per_step>:<warps>)")
+flags.DEFINE_string("impls", "vanilla,pallas", "BitLinear impls (pallas:<rows_per_program>:<tile_elems>:<warps>)")
 flags.DEFINE_integer("repeats", 20, "timed repeats")
 flags.DEFINE_string("out", "benchmarks/results/bitlinear_kernel.jsonl", "results file")
 
@@ -41,13 +41,14 @@ def main(argv):
     for spec in f.impls.split(","):
       impl, *params = spec.split(":")
       if impl == "pallas" and params:
-        (bitlinear_kernel.ROWS_PER_PROGRAM, bitlinear_kernel.ROWS_PER_STEP,
+        (bitlinear_kernel.ROWS_PER_PROGRAM, bitlinear_kernel.TILE_ELEMS,
          bitlinear_kernel.NUM_WARPS) = (int(p) for p in params)
       fwd = jax.jit(lambda x_, g_, w_, impl=impl: bitlinear(x_, g_, w_, impl=impl))
       loss = lambda x_, g_, w_, impl=impl: jnp.sum((bitlinear(x_, g_, w_, impl=impl) * dout).astype(jnp.float32))
       bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
       row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
-             "rows": f.rows, "in": k, "out": n, "fwd_ms": round(timing.median_time(fwd, x, g, w, repeats=f.repeats) * 1e3, 3),
+             "rows": f.rows, "in": k, "out": n,
+             "fwd_ms": round(timing.median_time(fwd, x, g, w, repeats=f.repeats) * 1e3, 3),
              "fwd_bwd_ms": round(timing.median_time(bwd, x, g, w, repeats=f.repeats) * 1e3, 3), "jax": jax.__version__,
              "command": "python -m benchmarks.bitlinear_kernel " + " ".join(sys.argv[1:])}
       print(f"BITLINEAR {k:>5}x{n:<5} {spec:>16}  fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms",

@@ -49,7 +49,8 @@ def main(argv):
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
     reps = 3 if impl == "sequential" else f.repeats
     row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
-           "shape": list(shape), "dtype": f.dtype, "fwd_ms": round(timing.median_time(fwd, a, b, repeats=reps) * 1e3, 3),
+           "shape": list(shape), "dtype": f.dtype,
+           "fwd_ms": round(timing.median_time(fwd, a, b, repeats=reps) * 1e3, 3),
            "fwd_bwd_ms": round(timing.median_time(bwd, a, b, repeats=reps) * 1e3, 3), "jax": jax.__version__,
            "command": "python -m benchmarks.scan " + " ".join(sys.argv[1:])}
     print(f"SCAN {spec:>14}  fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms", flush=True)

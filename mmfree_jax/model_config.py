@@ -27,7 +27,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   param_dtype: str = "float32"
   dtype: str = "bfloat16"
-  scan_impl: str = "associative"
+  scan_impl: str = "auto"
   scan_chunk: int = 128
   bitlinear: str = "vanilla"
   attention_impl: str = "xla"

@@ -1,18 +1,22 @@
 """BitLinear's activation path as two GPU kernels (Pallas, Triton backend): one read of the input per direction.
 
-Forward, per row x (float32 math; float64 for float64 inputs):  y = x / sqrt(mean(x^2) + eps) * g,  y_q = clip(round(y * s_x), -128, 127) / s_x
+Forward, per row x (float32 math; float64 for float64 inputs):
+  y = x / sqrt(mean(x^2) + eps) * g,   y_q = clip(round(y * s_x), -128, 127) / s_x
 with s_x = 127 / max(max|y|, 1e-5), written in x's dtype: the vanilla BitLinear's quantized input (`bitlinear.
 _bitlinear_vanilla`), whose product with the ternary weight XLA then runs as a GEMM.
 Backward (straight through the quantizer, as the vanilla layer): with dy = the cotangent of y_q,
   dg = sum over rows of dy * xhat,   dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),  dxhat = dy * g,
 recomputing rstd and xhat from x. XLA spends each direction in several fusions (a reduction for the norm, another
 for the absmax, an element-wise pass, float32 intermediates written out); here each program walks `ROWS_PER_PROGRAM`
-rows in tiles of `ROWS_PER_STEP` rows (whole rows: the reductions stay in the tile), reading each element once and
+rows in tiles of `TILE_ELEMS` elements (whole rows: the reductions stay in the tile), reading each element once and
 writing each result once. The backward's dg is accumulated per program and summed over programs by XLA.
 
-A row of any width K is handled as power-of-two pieces (K's binary digits), so no load is masked. Off GPUs the kernels run in
-Pallas' interpret mode (tests); under a mesh each device runs them on its rows (`pallas_util.per_device`), with the
-width whole.
+A row of any width K is handled as power-of-two pieces (K's binary digits), so no load is masked. Off GPUs the
+kernels run in Pallas' interpret mode (tests); under a mesh each device runs them on its rows
+(`pallas_util.per_device`), with the width whole.
+
+On the H100 (benchmarks/README.md) it saves memory and is at most a little faster than XLA's fusions in the full
+training step (1.3B: +0.7%, -0.56 GiB; 370M: unchanged); `model.bitlinear="auto"` turns it on for GPUs.
 """
 
 import functools
@@ -28,7 +32,8 @@ from mmfree_jax.layers import pallas_util
 from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
 ROWS_PER_PROGRAM = 32  # (the largest power of two <= this dividing the number of rows)
-ROWS_PER_STEP = 8  # rows per tile (one loop iteration): [rows, K] loaded, reduced and stored at once
+TILE_ELEMS = 8192  # elements per tile (one loop iteration; K rounded up to a power of two): whole rows
+#                   loaded, reduced and stored at once; wide rows take fewer rows per tile, keeping registers
 NUM_WARPS = 4
 ROW_AXES = ("act_batch", None)  # [rows, K]: rows over the batch's mesh axes, the width whole
 
@@ -50,15 +55,16 @@ def _pieces(k: int) -> list[tuple[int, int]]:
   return out
 
 
-def _geometry(n_rows: int):
-  """(rows per program, rows per loop iteration, programs)."""
+def _geometry(n_rows: int, k: int):
+  """(rows per program, rows per tile, programs)."""
   per_prog = _pow2_divisor(n_rows, ROWS_PER_PROGRAM)
-  return per_prog, _pow2_divisor(per_prog, ROWS_PER_STEP), n_rows // per_prog
+  kp = 1 << max(k - 1, 0).bit_length()
+  return per_prog, _pow2_divisor(per_prog, max(1, TILE_ELEMS // kp)), n_rows // per_prog
 
 
-def _walk_tiles(n_rows, visit, init):
+def _walk_tiles(n_rows, k, visit, init):
   """`visit(carry, first_row, rows)` over this program's tiles of `rows` rows, one per loop iteration."""
-  per_prog, step, _ = _geometry(n_rows)
+  per_prog, step, _ = _geometry(n_rows, k)
   first = pl.program_id(0) * per_prog
   return lax.fori_loop(0, per_prog // step, lambda c, carry: visit(carry, first + c * step, step), init)
 
@@ -93,7 +99,7 @@ def _forward_kernel(x_ref, g_ref, o_ref, *, eps):
       o_ref[pl.ds(r0, rows), pl.ds(o, n)] = (q * (1.0 / scale)).astype(o_ref.dtype)
     return carry
 
-  _walk_tiles(n_rows, visit, 0)
+  _walk_tiles(n_rows, k, visit, 0)
 
 
 def _backward_kernel(x_ref, g_ref, dy_ref, dx_ref, dg_ref, *, eps):
@@ -110,7 +116,7 @@ def _backward_kernel(x_ref, g_ref, dy_ref, dx_ref, dg_ref, *, eps):
       dx_ref[pl.ds(r0, rows), pl.ds(o, n)] = (rstd * (d - v * mean)).astype(dx_ref.dtype)
     return [a + jnp.sum(d * v, axis=0) for a, d, v in zip(dg, dy, xhat)]
 
-  dg = _walk_tiles(n_rows, visit, [jnp.zeros((n,), g_ref.dtype) for _, n in pieces])
+  dg = _walk_tiles(n_rows, k, visit, [jnp.zeros((n,), g_ref.dtype) for _, n in pieces])
   for (o, n), v in zip(pieces, dg):
     dg_ref[pl.program_id(0), pl.ds(o, n)] = v
 
@@ -128,11 +134,11 @@ def _launch(kernel, operands, out_shape, n_programs):
 def _forward(x, g, eps):
   out = jax.ShapeDtypeStruct(x.shape, x.dtype)
   return _launch(functools.partial(_forward_kernel, eps=eps), (x, g.astype(dtypes.accum(x.dtype))), out,
-                 _geometry(x.shape[0])[2])
+                 _geometry(*x.shape)[2])
 
 
 def _backward(x, g, dy, eps):
-  n_prog = _geometry(x.shape[0])[2]
+  n_prog = _geometry(*x.shape)[2]
   acc = dtypes.accum(x.dtype)
   shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n_prog, x.shape[1]), acc))
   dx, dg = _launch(functools.partial(_backward_kernel, eps=eps), (x, g.astype(acc), dy.astype(x.dtype)), shapes,

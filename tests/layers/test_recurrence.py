@@ -1,4 +1,5 @@
-"""The recurrence backends (and the GPU kernel, in interpret mode) against a float64 Python loop: forward, gradients, resets, h0, ragged chunks."""
+"""The recurrence backends (the GPU kernel in interpret mode) against a float64 Python loop: forward, gradients,
+resets, h0, ragged chunks."""
 
 import jax
 import jax.numpy as jnp
