@@ -45,7 +45,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def _walk(n_blocks, load, step, init):
-  """`step(carry, rows)` over blocks 0 .. n_blocks - 1 of `load(block)`; with PREFETCH the next block's rows
+  """`step(carry, block, rows)` over blocks 0 .. n_blocks - 1 of `load(block)`; with PREFETCH the next block's rows
   are loaded (in the input dtype) before the current block is computed, so their latency overlaps its work."""
   if not PREFETCH:
     return lax.fori_loop(0, n_blocks, lambda c, carry: step(carry, c, load(c)), init)
