@@ -41,6 +41,8 @@ def main(argv):
     for spec in f.impls.split(","):
       impl, *params = spec.split(":")
       if impl == "pallas" and params:
+        if len(params) != 3:
+          raise app.UsageError(f"{spec!r}: expected pallas:<rows_per_program>:<tile_elems>:<num_warps>")
         (bitlinear_kernel.ROWS_PER_PROGRAM, bitlinear_kernel.TILE_ELEMS,
          bitlinear_kernel.NUM_WARPS) = (int(p) for p in params)
       fwd = jax.jit(lambda x_, g_, w_, impl=impl: bitlinear(x_, g_, w_, impl=impl))

@@ -42,6 +42,8 @@ def main(argv):
     impl, *params = spec.split(":")
     kw = dict(impl=impl, chunk=int(params[0]) if impl == "chunked" and params else 128)
     if impl == "pallas" and params:
+      if len(params) != 4:
+        raise app.UsageError(f"{spec!r}: expected pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>")
       (recurrence_kernel.BLOCK_D, recurrence_kernel.UNROLL, recurrence_kernel.NUM_WARPS,
        recurrence_kernel.PREFETCH) = (int(p) for p in params)
     fwd = jax.jit(lambda a_, b_, kw=kw: linear_scan(a_, b_, **kw)[0])

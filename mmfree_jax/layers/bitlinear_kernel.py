@@ -38,13 +38,6 @@ NUM_WARPS = 4
 ROW_AXES = ("act_batch", None)  # [rows, K]: rows over the batch's mesh axes, the width whole
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-  p = 1
-  while p * 2 <= cap and n % (p * 2) == 0:
-    p *= 2
-  return p
-
-
 def _pieces(k: int) -> list[tuple[int, int]]:
   """A row of width k as (offset, size) pieces of power-of-two sizes (its binary digits): no masks needed."""
   out, offset = [], 0
@@ -57,9 +50,9 @@ def _pieces(k: int) -> list[tuple[int, int]]:
 
 def _geometry(n_rows: int, k: int):
   """(rows per program, rows per tile, programs)."""
-  per_prog = _pow2_divisor(n_rows, ROWS_PER_PROGRAM)
+  per_prog = pallas_util.pow2_divisor(n_rows, ROWS_PER_PROGRAM)
   kp = 1 << max(k - 1, 0).bit_length()
-  return per_prog, _pow2_divisor(per_prog, max(1, TILE_ELEMS // kp)), n_rows // per_prog
+  return per_prog, pallas_util.pow2_divisor(per_prog, max(1, TILE_ELEMS // kp)), n_rows // per_prog
 
 
 def _walk_tiles(n_rows, k, visit, init):

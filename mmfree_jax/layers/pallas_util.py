@@ -10,6 +10,14 @@ def interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
+def pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two <= cap dividing n (tile sizes that need no masks)."""
+  p = 1
+  while p * 2 <= cap and n % (p * 2) == 0:
+    p *= 2
+  return p
+
+
 def per_device(fn, in_axes, out_axes):
   """`fn` as is without a mesh of several devices; under one (`jax.set_mesh` and the models' logical axis rules),
   `fn` in `shard_map`, each device running it on its shards. `in_axes` / `out_axes`: per argument / output, a

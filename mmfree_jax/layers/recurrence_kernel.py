@@ -36,14 +36,6 @@ SEQ_AXES = ("act_batch", None, "act_heads")  # the time axis whole on each devic
 STATE_AXES = ("act_batch", "act_heads")
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-  """The largest power of two <= cap dividing n."""
-  p = 1
-  while p * 2 <= cap and n % (p * 2) == 0:
-    p *= 2
-  return p
-
-
 def _walk(n_blocks, load, step, init):
   """`step(carry, block, rows)` over blocks 0 .. n_blocks - 1 of `load(block)`; with PREFETCH the next block's rows
   are loaded (in the input dtype) before the current block is computed, so their latency overlaps its work."""
@@ -103,12 +95,12 @@ def _backward_kernel(a_ref, o_ref, g_ref, h0_ref, glast_ref, da_ref, db_ref, dh0
 
 def _call(kernel, inputs, outputs, t_len: int, d: int):
   """`kernel` over the grid (batch rows, channel blocks); `outputs`: ShapeDtypeStructs, [B, T, D] or [B, D]."""
-  bd = _pow2_divisor(d, BLOCK_D)
+  bd = pallas_util.pow2_divisor(d, BLOCK_D)
   seq = pl.BlockSpec((None, t_len, bd), lambda i, j: (i, 0, j))
   vec = pl.BlockSpec((None, bd), lambda i, j: (i, j))
   spec = lambda x: seq if x.ndim == 3 else vec
   return pl.pallas_call(
-      functools.partial(kernel, unroll=_pow2_divisor(t_len, UNROLL)),
+      functools.partial(kernel, unroll=pallas_util.pow2_divisor(t_len, UNROLL)),
       out_shape=outputs,
       grid=(inputs[0].shape[0], d // bd),
       in_specs=[spec(x) for x in inputs],
