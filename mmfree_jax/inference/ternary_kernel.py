@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mmfree_jax.layers import pallas_util
 from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
 MAX_ROWS = 8  # above this many rows (prefill), XLA's GEMMs take over
@@ -171,7 +172,7 @@ def ternary_matvec(x, packed, norm_scale, inv_sw, layer, *, eps: float, pre: str
       grid=(groups, m_rows, n_out // bn),
       in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: programs index their layer, group, row and columns
       out_specs=pl.BlockSpec((None, None, bn), lambda g, m, j: (g, m, j)),
-      interpret=jax.default_backend() != "gpu",
+      interpret=pallas_util.interpret(),
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
       name="ternary_matvec",
   )(*operands)

@@ -119,8 +119,8 @@ def _quantized_input_xla(x, g, eps, xhat=None):
   return y + lax.stop_gradient(qx * inv_sx - y)
 
 
-def _bitlinear_vanilla(x, g, w, eps, xhat=None, kernel=False):
-  if kernel:
+def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False):
+  if use_kernel:
     from mmfree_jax.layers import bitlinear_kernel  # pylint: disable=g-import-not-at-top  (it imports this module)
     y_q = bitlinear_kernel.quantized_input(x, g, eps)
   else:
@@ -155,7 +155,7 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   out_shape = kernel.shape[1:]
   kernel = kernel.reshape(kernel.shape[0], -1)
   if impl in ("vanilla", "pallas"):
-    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, kernel=impl == "pallas")
+    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas")
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)
