@@ -17,10 +17,6 @@ Three implementations (`impl`), identical in value:
            arithmetic (accumulate ternary-signed int8 activations), then one float rescale.
   vanilla  plain autodiff through `y + stop_gradient(q(y) - y)`: keeps the normalized and quantized activations
            for the backward pass. The reference and the ablation baseline.
-  vanilla_int8
-           vanilla with the product as a `jax.custom_vjp`: forward an int8 x int8 -> int32 GEMM (exact; twice
-           the bf16 tensor-core rate on GPUs that have int8 units); backward the two straight-through GEMMs in
-           the compute dtype, from the activation codes kept as int8 (half the bytes of the bf16 y_q).
   pallas   vanilla with the activation path (norm, absmax, quantize; and its backward) in one GPU kernel per
            direction (`bitlinear_kernel`; interpret mode off GPUs), the product a GEMM as in vanilla.
   auto     pallas on GPUs, vanilla elsewhere.
@@ -37,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.norm import rms_normalize
 
-IMPLS = ("fused", "int8", "vanilla", "vanilla_int8", "pallas", "auto")
+IMPLS = ("fused", "int8", "vanilla", "pallas", "auto")
 SCALE_FLOOR = 1e-5
 
 
@@ -123,44 +119,6 @@ def _quantized_input_xla(x, g, eps, xhat=None):
   return y + lax.stop_gradient(qx * inv_sx - y)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _int8_ste_product(y, w, out_dtype):
-  """`quantize(y) @ quantize(w)` as an int8 GEMM; gradients straight through both quantizers to y and w."""
-  return _int8_product_fwd(y, w, out_dtype)[0]
-
-
-def _int8_product_fwd(y, w, out_dtype):
-  acc = dtypes.accum(y.dtype)
-  qx, inv_sx = quantize_activations(y)
-  qw, inv_sw = quantize_weight(w)
-  qx, qw = qx.astype(jnp.int8), qw.astype(jnp.int8)
-  out = (_matmul(qx, qw, jnp.int32).astype(acc) * (inv_sx * inv_sw)).astype(out_dtype)
-  return out, (qx, inv_sx.astype(acc), qw, inv_sw.astype(acc))
-
-
-def _int8_product_bwd(out_dtype, res, dout):
-  qx, inv_sx, qw, inv_sw = res
-  acc = inv_sx.dtype  # y's dtype: the normalized activations are float32 (float64 under x64)
-  # dL/dy = dout @ W_q^T and dL/dW = y_q^T @ dout, operands in the compute dtype (ternary and |q_x| <= 128:
-  # exact in bf16; y_q = q_x / s_x rounded as vanilla rounds it), float32 accumulation.
-  w_q = (qw.astype(acc) * inv_sw).astype(out_dtype)
-  y_q = (qx.astype(acc) * inv_sx).astype(out_dtype)
-  dy = lax.dot_general(dout, w_q, (((dout.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
-  dw = lax.dot_general(y_q.reshape(-1, y_q.shape[-1]), dout.reshape(-1, dout.shape[-1]), (((0,), (0,)), ((), ())),
-                       preferred_element_type=acc)
-  return dy.astype(acc), dw.astype(acc)
-
-
-_int8_ste_product.defvjp(_int8_product_fwd, _int8_product_bwd)
-
-
-def _bitlinear_int8(x, g, w, eps, xhat=None):
-  if xhat is None:
-    xhat = rms_normalize(x, eps)
-  w32 = w.astype(dtypes.accum(w.dtype))
-  return _int8_ste_product(xhat * g.astype(xhat.dtype), w32, x.dtype)
-
-
 def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False):
   if use_kernel:
     from mmfree_jax.layers import bitlinear_kernel  # pylint: disable=g-import-not-at-top  (it imports this module)
@@ -190,7 +148,7 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   (e.g. the GLU's fused gate/up `[d, 2, I]`) is one matrix: one weight scale over all of it.
   `xhat`, optional: `rms_normalize(x, eps)` computed by the caller, for BitLinears that read the same input
   (the MLGRU's f/i/g): autodiff then sums their cotangents and runs the normalization's backward once. The
-  same values; used by `vanilla` and `vanilla_int8` only (the recomputing impls save and renormalize `x` themselves, and `pallas`
+  same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves, and `pallas`
   reads `x` in its kernel).
   """
   impl = resolve(impl)
@@ -198,8 +156,6 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   kernel = kernel.reshape(kernel.shape[0], -1)
   if impl in ("vanilla", "pallas"):
     out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas")
-  elif impl == "vanilla_int8":
-    out = _bitlinear_int8(x, norm_scale, kernel, eps, xhat)
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)

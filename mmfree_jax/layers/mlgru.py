@@ -31,8 +31,7 @@ class MLGRU(nn.Module):
         cfg.d_model, axes=axes, kernel_init=PROJ_INIT, eps=cfg.norm_eps, impl=cfg.bitlinear,
         dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
     # f/i/g read the same input: normalize it once (one normalization backward on their summed cotangents).
-    shared = resolve(cfg.bitlinear) in ("vanilla", "vanilla_int8")
-    xhat = rms_normalize(x_BTD.astype(cfg.compute_dtype), cfg.norm_eps) if shared else None
+    xhat = rms_normalize(x_BTD.astype(cfg.compute_dtype), cfg.norm_eps) if resolve(cfg.bitlinear) == "vanilla" else None
     f = jax.nn.sigmoid(proj("f_proj")(x_BTD, xhat).astype(acc))
     lb = lower_bound_D.astype(acc)
     f = lb + (1.0 - lb) * f

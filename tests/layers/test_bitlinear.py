@@ -207,37 +207,3 @@ def test_kernel_under_a_mesh_matches_vanilla():
     got = f("pallas")(jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH))), g, w)
   for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6)
-
-
-def test_int8_product_matches_vanilla_in_bfloat16():
-  """vanilla_int8 against vanilla at training dtypes (bf16 activations, float32 weights), forward and gradients.
-
-  The int8 GEMM is exact on the codes; vanilla multiplies y_q = q_x / s_x rounded to bf16 (relative error
-  2^-9 per operand) and rounds its bf16 output and cotangents likewise, so the two agree to a few bf16 ulps of
-  each result's scale; 2^-6 of the largest magnitude leaves room for the float32 sums' order over K = 512."""
-  rng = np.random.default_rng()
-  x = jnp.asarray(rng.normal(size=(4, 33, 512)), jnp.bfloat16)
-  g = jnp.asarray(rng.uniform(0.5, 1.5, 512), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(512, 96)) * 0.02, jnp.float32)
-  dout = jnp.asarray(rng.normal(size=(4, 33, 96)), jnp.bfloat16)
-
-  def run(impl):
-    loss = lambda x_, g_, w_: jnp.sum((bl.bitlinear(x_, g_, w_, impl=impl) * dout).astype(jnp.float32))
-    return (jax.jit(lambda *a: bl.bitlinear(*a, impl=impl))(x, g, w),) + jax.jit(jax.grad(loss, (0, 1, 2)))(x, g, w)
-
-  int8, vanilla = run("vanilla_int8"), run("vanilla")
-  # Against the float64 reference the int8 forward is the more accurate one: only its output is rounded.
-  ref = np_reference(np.asarray(x, np.float64), g, w)[0]
-  err = lambda out: np.mean(np.abs(np.asarray(out, np.float64) - ref))
-  assert err(int8[0]) <= err(vanilla[0]), (err(int8[0]), err(vanilla[0]))
-  for name, a, b in zip(("out", "dx", "dg", "dw"), int8, vanilla):
-    assert a.dtype == b.dtype and a.shape == b.shape, name
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_allclose(a, b, atol=2.0 ** -6 * np.abs(b).max(), rtol=0, err_msg=name)
-
-
-def test_int8_product_keeps_int8_codes(capsys):
-  int8 = _saved_residuals("vanilla_int8", capsys)
-  # The activation-sized residual of the product is the int8 code tensor (plus the normalization's float32 ones).
-  assert any(line.startswith("i8[8,128,64]") for line in int8), int8
-  assert not any(line.startswith("bf16[8,128,64]") for line in int8), int8
