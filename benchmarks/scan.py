@@ -2,8 +2,8 @@
 
   python -m benchmarks.scan [--shape=8,2048,2048] [--dtype=bfloat16] [--impls=associative,chunked:64,pallas,...]
 
-`chunked:<chunk>` sets the chunk length; `pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>` the GPU kernel's tiling
-(`layers/recurrence_kernel.py`; plain `pallas` keeps its defaults).
+`chunked:<chunk>` sets the chunk length; `pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>[:<time_chunks>]` the GPU
+kernel's tiling (`layers/recurrence_kernel.py`; plain `pallas` keeps its defaults).
 
 bf16 (or float32) inputs, float32 state, as the model runs it. Median of synchronized repeats after warm-up;
 appends JSON lines to benchmarks/results/scan.jsonl.
@@ -38,14 +38,18 @@ def main(argv):
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.nn.sigmoid(jax.random.normal(k1, shape) + 2).astype(dt)
   b = jax.random.normal(k2, shape).astype(dt)
+  tiling = ("BLOCK_D", "UNROLL", "NUM_WARPS", "PREFETCH", "TIME_CHUNKS")
+  defaults = {k: getattr(recurrence_kernel, k) for k in tiling}
   for spec in f.impls.split(","):
     impl, *params = spec.split(":")
+    for k, v in defaults.items():  # plain `pallas` after a tiled one runs the defaults again
+      setattr(recurrence_kernel, k, v)
     kw = dict(impl=impl, chunk=int(params[0]) if impl == "chunked" and params else 128)
     if impl == "pallas" and params:
-      if len(params) != 4:
-        raise app.UsageError(f"{spec!r}: expected pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>")
-      (recurrence_kernel.BLOCK_D, recurrence_kernel.UNROLL, recurrence_kernel.NUM_WARPS,
-       recurrence_kernel.PREFETCH) = (int(p) for p in params)
+      if len(params) not in (4, 5):
+        raise app.UsageError(f"{spec!r}: expected pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>[:<time_chunks>]")
+      for k, v in zip(tiling, params + ["1"] * (5 - len(params))):
+        setattr(recurrence_kernel, k, int(v))
     fwd = jax.jit(lambda a_, b_, kw=kw: linear_scan(a_, b_, **kw)[0])
     loss = lambda a_, b_, kw=kw: jnp.sum(linear_scan(a_, b_, **kw)[0].astype(jnp.float32))
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
