@@ -30,7 +30,6 @@ from mmfree_jax.layers import pallas_util
 
 BLOCK_D = 64  # channels per program (the largest power of two <= this dividing D)
 UNROLL = 32  # time steps per loop iteration (the largest power of two <= this dividing T)
-TIME_CHUNKS = 4  # pieces of the time axis walked in parallel (the largest power of two <= this that fits T)
 NUM_WARPS = 1
 PREFETCH = True  # load the next block of time steps while computing the current one
 SEQ_AXES = ("act_batch", None, "act_heads")  # the time axis whole on each device
@@ -51,92 +50,37 @@ def _walk(n_blocks, load, step, init):
   return lax.fori_loop(0, n_blocks, body, (init, load(0)))[0]
 
 
-def _chunk(unroll, chunk):
-  """(this program's time chunk k, its first step, its blocks of `unroll` steps)."""
-  k = pl.program_id(2)
-  return k, k * chunk, chunk // unroll
-
-
-def _forward_summary_kernel(a_ref, b_ref, s_ref, p_ref, *, unroll, chunk):
-  """Chunk k's walk from a zero state: its final state S_k and the product P_k of its a's, so that the state
-  after chunk k is P_k * (state before it) + S_k."""
-  state = s_ref.dtype
-  k, base, n_blocks = _chunk(unroll, chunk)
-
-  def load(c):
-    t0 = base + c * unroll
-    return [a_ref[t0 + u] for u in range(unroll)], [b_ref[t0 + u] for u in range(unroll)]
-
-  def step(carry, c, rows):
-    h, p = carry
-    for a, b in zip(*rows):
-      a = a.astype(state)
-      h, p = a * h + b.astype(state), a * p
-    return h, p
-
-  zero = jnp.zeros(s_ref.shape[1:], state)
-  s_ref[k], p_ref[k] = _walk(n_blocks, load, step, (zero, zero + 1))
-
-
-def _forward_kernel(a_ref, b_ref, h0_ref, s_ref, p_ref, o_ref, last_ref, *, unroll, chunk):
+def _forward_kernel(a_ref, b_ref, h0_ref, o_ref, last_ref, *, unroll):
   state = h0_ref.dtype
-  k, base, n_blocks = _chunk(unroll, chunk)
-  h = lax.fori_loop(0, k, lambda j, h: p_ref[j] * h + s_ref[j], h0_ref[...])  # the state entering chunk k
 
   def load(c):
-    t0 = base + c * unroll
+    t0 = c * unroll
     return [a_ref[t0 + u] for u in range(unroll)], [b_ref[t0 + u] for u in range(unroll)]
 
   def step(h, c, rows):
     a, b = rows
     for u in range(unroll):
       h = a[u].astype(state) * h + b[u].astype(state)
-      o_ref[base + c * unroll + u] = h.astype(o_ref.dtype)
+      o_ref[c * unroll + u] = h.astype(o_ref.dtype)
     return h
 
-  last_ref[k] = _walk(n_blocks, load, step, h)
+  last_ref[...] = _walk(a_ref.shape[0] // unroll, load, step, h0_ref[...])
 
 
-def _backward_summary_kernel(a_ref, g_ref, s_ref, p_ref, *, unroll, chunk):
-  """Chunk k's reversed walk from a zero cotangent: with lam_k the cotangent entering it from the right, the one it
-  passes on (a_{t0} lam_{t0}, t0 its first step) is P_k * lam_k + S_k, P_k the product of its a's."""
-  state = s_ref.dtype
-  k, base, n_blocks = _chunk(unroll, chunk)
-
-  def load(c):  # block c counts from the chunk's end
-    t0 = base + (n_blocks - 1 - c) * unroll
-    return [a_ref[t0 + u] for u in range(unroll)], [g_ref[t0 + u] for u in range(unroll)]
-
-  def step(carry, c, rows):
-    lam, p = carry
-    for a, g in reversed(list(zip(*rows))):
-      a = a.astype(state)
-      lam, p = a * (g.astype(state) + lam), a * p
-    return lam, p
-
-  zero = jnp.zeros(s_ref.shape[1:], state)
-  s_ref[k], p_ref[k] = _walk(n_blocks, load, step, (zero, zero + 1))
-
-
-def _backward_kernel(a_ref, o_ref, g_ref, h0_ref, glast_ref, s_ref, p_ref, da_ref, db_ref, dh0_ref, *, unroll,
-                     chunk):
+def _backward_kernel(a_ref, o_ref, g_ref, h0_ref, glast_ref, da_ref, db_ref, dh0_ref, *, unroll):
   state = h0_ref.dtype
-  k, base, n_blocks = _chunk(unroll, chunk)
-  n_chunks = pl.num_programs(2)
+  n_blocks = a_ref.shape[0] // unroll
   h0 = h0_ref[...]
-  # The cotangent entering chunk k from the right: the final state's, carried through chunks n-1 .. k+1.
-  lam_in = lax.fori_loop(0, n_chunks - 1 - k, lambda i, lam: p_ref[n_chunks - 1 - i] * lam + s_ref[n_chunks - 1 - i],
-                         glast_ref[...])
 
-  def load(c):  # block c counts from the chunk's end
-    t0 = base + (n_blocks - 1 - c) * unroll
+  def load(c):  # block c counts from the end
+    t0 = (n_blocks - 1 - c) * unroll
     h_prev = [o_ref[jnp.maximum(t0 - 1, 0)]] + [o_ref[t0 + u - 1] for u in range(1, unroll)]
     return [a_ref[t0 + u] for u in range(unroll)], [g_ref[t0 + u] for u in range(unroll)], h_prev
 
   def step(carry, c, rows):
     lam, a_next = carry
     a, g, h_prev = rows
-    t0 = base + (n_blocks - 1 - c) * unroll
+    t0 = (n_blocks - 1 - c) * unroll
     for u in reversed(range(unroll)):
       lam = g[u].astype(state) + a_next * lam
       hp = jnp.where(t0 == 0, h0, h_prev[0].astype(state)) if u == 0 else h_prev[u].astype(state)
@@ -145,22 +89,20 @@ def _backward_kernel(a_ref, o_ref, g_ref, h0_ref, glast_ref, s_ref, p_ref, da_re
       a_next = a[u].astype(state)
     return lam, a_next
 
-  lam, a_first = _walk(n_blocks, load, step, (lam_in, jnp.ones_like(h0)))
-  dh0_ref[k] = a_first * lam
+  lam, a_first = _walk(n_blocks, load, step, (glast_ref[...], jnp.ones_like(h0)))
+  dh0_ref[...] = a_first * lam
 
 
 def _call(kernel, inputs, outputs, t_len: int, d: int):
-  """`kernel` over the grid (batch rows, channel blocks, time chunks). `inputs` / `outputs` (ShapeDtypeStructs):
-  [B, D], or [B, T, D] and [B, n_chunks, D], every program seeing its row and channels over the whole middle axis
-  (it reads and writes its own chunk of time; the backward also reads the step before it)."""
+  """`kernel` over the grid (batch rows, channel blocks); `outputs`: ShapeDtypeStructs, [B, T, D] or [B, D]."""
   bd = pallas_util.pow2_divisor(d, BLOCK_D)
-  unroll, n_chunks = pallas_util.pow2_divisor(t_len, UNROLL), _n_chunks(t_len)
-  spec = lambda x: (pl.BlockSpec((None, x.shape[1], bd), lambda i, j, k: (i, 0, j)) if x.ndim == 3 else
-                    pl.BlockSpec((None, bd), lambda i, j, k: (i, j)))
+  seq = pl.BlockSpec((None, t_len, bd), lambda i, j: (i, 0, j))
+  vec = pl.BlockSpec((None, bd), lambda i, j: (i, j))
+  spec = lambda x: seq if x.ndim == 3 else vec
   return pl.pallas_call(
-      functools.partial(kernel, unroll=unroll, chunk=t_len // n_chunks),
+      functools.partial(kernel, unroll=pallas_util.pow2_divisor(t_len, UNROLL)),
       out_shape=outputs,
-      grid=(inputs[0].shape[0], d // bd, n_chunks),
+      grid=(inputs[0].shape[0], d // bd),
       in_specs=[spec(x) for x in inputs],
       out_specs=[spec(x) for x in outputs],
       interpret=pallas_util.interpret(),
@@ -168,36 +110,19 @@ def _call(kernel, inputs, outputs, t_len: int, d: int):
   )(*inputs)
 
 
-def _n_chunks(t_len: int) -> int:
-  return pallas_util.pow2_divisor(t_len // pallas_util.pow2_divisor(t_len, UNROLL), TIME_CHUNKS)
-
-
-def _summaries(kernel, a, x, state_dtype):
-  """Per-chunk (S, P) [B, n_chunks, D] of a chunked walk (see the summary kernels); empty walks for one chunk."""
-  bsz, t_len, d = x.shape
-  shape = jax.ShapeDtypeStruct((bsz, _n_chunks(t_len), d), state_dtype)
-  if shape.shape[1] == 1:  # one chunk: nothing enters it but h0 / the final state's cotangent
-    return jnp.zeros(shape.shape, state_dtype), jnp.zeros(shape.shape, state_dtype)
-  return tuple(_call(kernel, (a, x), (shape, shape), t_len, d))
-
-
 def _forward(a, b, h0):
-  bsz, t_len, d = b.shape
-  s, p = _summaries(_forward_summary_kernel, a, b, h0.dtype)
+  _, t_len, d = b.shape
   out = jax.ShapeDtypeStruct(b.shape, b.dtype)
-  last = jax.ShapeDtypeStruct(s.shape, h0.dtype)
-  out, last = _call(_forward_kernel, (a, b, h0, s, p), (out, last), t_len, d)
-  return out, last[:, -1]
+  last = jax.ShapeDtypeStruct(h0.shape, h0.dtype)
+  return tuple(_call(_forward_kernel, (a, b, h0), (out, last), t_len, d))
 
 
 def _backward(a, out, h0, d_out, d_last):
   _, t_len, d = out.shape
-  g = d_out.astype(out.dtype)
-  s, p = _summaries(_backward_summary_kernel, a, g, h0.dtype)
   shapes = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(out.shape, out.dtype),
-            jax.ShapeDtypeStruct(s.shape, h0.dtype))
-  da, db, dh0 = _call(_backward_kernel, (a, out, g, h0, d_last.astype(h0.dtype), s, p), shapes, t_len, d)
-  return da, db, dh0[:, 0]
+            jax.ShapeDtypeStruct(h0.shape, h0.dtype))
+  return tuple(_call(_backward_kernel, (a, out, d_out.astype(out.dtype), h0, d_last.astype(h0.dtype)),
+                     shapes, t_len, d))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -82,14 +82,11 @@ def test_resets_from_segments():
   np.testing.assert_array_equal(resets_from_segments(seg), [[0, 0, 1, 0, 0, 1, 1, 0]])
 
 
-def test_kernel_under_a_mesh_matches_sequential(monkeypatch):
-  """Under a (data, fsdp, tensor) mesh the kernel runs per device on its rows and channels (`shard_map`); 4 time
-  chunks of 2 blocks of 4 steps."""
+def test_kernel_under_a_mesh_matches_sequential():
+  """Under a (data, fsdp, tensor) mesh the kernel runs per device on its rows and channels (`shard_map`)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from mmfree_jax.layers import recurrence_kernel  # pylint: disable=g-import-not-at-top
   from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(recurrence_kernel, "UNROLL", 4)
   mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)  # as make_mesh
   rng = np.random.default_rng()
   a = jnp.asarray(rng.uniform(0.5, 1.0, size=(4, 32, 16)), jnp.float32)
@@ -113,18 +110,13 @@ def test_kernel_under_a_mesh_matches_sequential(monkeypatch):
     np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5)  # float32; the two sum in different orders
 
 
-@pytest.mark.parametrize("prefetch,time_chunks,t", [(False, 1, 12), (True, 1, 12), (True, 2, 40), (False, 4, 64),
-                                                    (True, 8, 64)])
-def test_kernel_walks_blocks_and_chunks(x64, monkeypatch, prefetch, time_chunks, t):
-  """The GPU kernel's ways of walking time (interpret mode here): blocks of 4 steps, with and without prefetch,
-  and the time axis in 1 to 8 chunks walked in parallel (T = 40 in 2 chunks of 5 blocks; T = 12: 3 blocks, one
-  chunk), resets and h0 included."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_kernel_walks_blocks_with_and_without_prefetch(x64, monkeypatch, prefetch):
+  """Both ways of walking time in the GPU kernel (interpret mode here), blocks of 4 steps (T = 12)."""
   from mmfree_jax.layers import recurrence_kernel  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(recurrence_kernel, "PREFETCH", prefetch)
   monkeypatch.setattr(recurrence_kernel, "UNROLL", 4)
-  monkeypatch.setattr(recurrence_kernel, "TIME_CHUNKS", time_chunks)
-  assert recurrence_kernel._n_chunks(t) == time_chunks or t == 12
-  a, b, h0, resets = (jnp.asarray(v) for v in _inputs(np.random.default_rng(), t=t, d=8))
+  a, b, h0, resets = (jnp.asarray(v) for v in _inputs(np.random.default_rng(), t=12, d=8))
   w = jnp.asarray(np.random.default_rng().normal(size=b.shape))
 
   def loss(impl_, a_, b_, h0_):
