@@ -3,15 +3,42 @@
 The fused kernel is `[d, 2, I]` (gate = [:, 0], up = [:, 1]): one matrix, so for BitLinear one RMSNorm, one
 activation scale and one absmean weight scale, as the reference's `[2I, d]`; the explicit axis of 2 keeps the
 `I` axis shardable over `tensor` without splitting gate from up across devices.
+
+`swiglu(gu) = silu(gate) * up` carries its own VJP: autodiff would transpose the two slices into zero-padded
+`[..., 2, I]` cotangents and add them; here the backward writes gate's and up's cotangents side by side in one
+pass (the same formulas: d_up = dh * silu(gate), d_gate = dh * up * s * (1 + gate * (1 - s)), s = sigmoid(gate)).
 """
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.bitlinear import BitLinear
 from mmfree_jax.layers.dense import Dense
 from mmfree_jax.model_config import ModelConfig
+
+
+@jax.custom_vjp
+def swiglu(gu):
+  """`silu(gu[..., 0, :]) * gu[..., 1, :]` in float32 (float64 for float64 input), returned in gu's dtype."""
+  acc = dtypes.accum(gu.dtype)
+  return (jax.nn.silu(gu[..., 0, :].astype(acc)) * gu[..., 1, :].astype(acc)).astype(gu.dtype)
+
+
+def _swiglu_fwd(gu):
+  return swiglu(gu), gu
+
+
+def _swiglu_bwd(gu, dh):
+  acc = dtypes.accum(gu.dtype)
+  gate, up, dh = gu[..., 0, :].astype(acc), gu[..., 1, :].astype(acc), dh.astype(acc)
+  s = jax.nn.sigmoid(gate)
+  d_gate = dh * up * (s * (1.0 + gate * (1.0 - s)))
+  return (jnp.stack([d_gate, dh * (gate * s)], axis=-2).astype(gu.dtype),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class BitGLU(nn.Module):
@@ -23,8 +50,7 @@ class BitGLU(nn.Module):
     kw = dict(eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     gu = BitLinear((2, cfg.ff), axes=("embed", None, "mlp"), kernel_init=nn.initializers.normal(0.02),
                    name="gate_proj", **kw)(x_BTD)
-    h = (jax.nn.silu(gu[..., 0, :].astype(dtypes.accum(cfg.compute_dtype))) * gu[..., 1, :]).astype(cfg.compute_dtype)
-    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+    h = nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp"))
     down_init = nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5)
     return BitLinear(cfg.d_model, axes=("mlp", "embed"), kernel_init=down_init, name="down_proj", **kw)(h)
 
@@ -37,7 +63,6 @@ class SwiGLU(nn.Module):
     cfg = self.cfg
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     gu = Dense((2, cfg.ff), ("embed", None, "mlp"), name="gate_proj", **kw)(x_BTD)
-    h = (jax.nn.silu(gu[..., 0, :].astype(dtypes.accum(cfg.compute_dtype))) * gu[..., 1, :]).astype(cfg.compute_dtype)
-    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+    h = nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp"))
     down_init = nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5)
     return Dense((cfg.d_model,), ("mlp", "embed"), kernel_init=down_init, name="down_proj", **kw)(h)
