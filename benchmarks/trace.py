@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 
+EVENT_CAP = 5_000_000  # events the profiler writes to the JSON trace at most
 GEMM = re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul|dot|imma|gemv", re.I)
 
 
@@ -29,6 +30,8 @@ def device_kernels(trace_dir: str, exact: bool = False) -> tuple[collections.Cou
   `exact`: one group per kernel name (to find a fusion in the compiled HLO) instead of per kind."""
   path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
   events = json.load(gzip.open(path))["traceEvents"]
+  if len(events) >= EVENT_CAP:
+    print(f"WARNING: the trace holds {len(events)} events, its cap: later events (kernels too) were dropped")
   pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   device_pids = {p for p, n in pids.items() if "/device:GPU" in n or "TPU:" in n}
   time_us, launches = collections.Counter(), collections.Counter()
@@ -49,7 +52,12 @@ class Trace:
   def __enter__(self):
     import jax  # pylint: disable=g-import-not-at-top
     self.dir = tempfile.mkdtemp()
-    jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+    # Device kernels only: the trace file keeps at most EVENT_CAP events, and the host's (compilation included)
+    # would fill it before the kernels' are written.
+    options = jax.profiler.ProfileOptions()
+    options.host_tracer_level = 0
+    options.python_tracer_level = 0
+    jax.profiler.start_trace(self.dir, create_perfetto_trace=True, profiler_options=options)
     return self
 
   def __exit__(self, *exc):

@@ -117,6 +117,7 @@ def _backward_kernel(x_ref, g_ref, dy_ref, dx_ref, dg_ref, *, eps):
 def _launch(kernel, operands, out_shape, n_programs):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(n_programs,),
+      name="bitlinear" + kernel.func.__name__.removesuffix("_kernel"),  # bitlinear_forward / _backward in profiles
       in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: programs index their rows
       out_specs=jax.tree.map(lambda _: pl.BlockSpec(), out_shape),
       interpret=pallas_util.interpret(),

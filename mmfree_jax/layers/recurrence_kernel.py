@@ -101,6 +101,7 @@ def _call(kernel, inputs, outputs, t_len: int, d: int):
   spec = lambda x: seq if x.ndim == 3 else vec
   return pl.pallas_call(
       functools.partial(kernel, unroll=pallas_util.pow2_divisor(t_len, UNROLL)),
+      name="recurrence" + kernel.__name__.removesuffix("_kernel"),  # recurrence_forward / _backward in profiles
       out_shape=outputs,
       grid=(inputs[0].shape[0], d // bd),
       in_specs=[spec(x) for x in inputs],
