@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from benchmarks import tiling
 from benchmarks import timing
 
 flags.DEFINE_integer("rows", 32768, "tokens (rows of the input)")
@@ -40,19 +41,15 @@ def main(argv):
     dout = jax.random.normal(kd, (f.rows, n), jnp.bfloat16)
     for spec in f.impls.split(","):
       impl, *params = spec.split(":")
-      if impl == "pallas" and params:
-        if len(params) != 3:
-          raise app.UsageError(f"{spec!r}: expected pallas:<rows_per_program>:<tile_elems>:<num_warps>")
-        (bitlinear_kernel.ROWS_PER_PROGRAM, bitlinear_kernel.TILE_ELEMS,
-         bitlinear_kernel.NUM_WARPS) = (int(p) for p in params)
       fwd = jax.jit(lambda x_, g_, w_, impl=impl: bitlinear(x_, g_, w_, impl=impl))
       loss = lambda x_, g_, w_, impl=impl: jnp.sum((bitlinear(x_, g_, w_, impl=impl) * dout).astype(jnp.float32))
       bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
-             "rows": f.rows, "in": k, "out": n,
-             "fwd_ms": round(timing.median_time(fwd, x, g, w, repeats=f.repeats) * 1e3, 3),
-             "fwd_bwd_ms": round(timing.median_time(bwd, x, g, w, repeats=f.repeats) * 1e3, 3), "jax": jax.__version__,
-             "command": "python -m benchmarks.bitlinear_kernel " + " ".join(sys.argv[1:])}
+      ms = lambda fn: round(timing.median_time(fn, x, g, w, repeats=f.repeats) * 1e3, 3)
+      with tiling.kernel_tiling(bitlinear_kernel, ("ROWS_PER_PROGRAM", "TILE_ELEMS", "NUM_WARPS"), spec,
+                                params if impl == "pallas" else []):
+        row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
+               "rows": f.rows, "in": k, "out": n, "fwd_ms": ms(fwd), "fwd_bwd_ms": ms(bwd), "jax": jax.__version__,
+               "command": "python -m benchmarks.bitlinear_kernel " + " ".join(sys.argv[1:])}
       print(f"BITLINEAR {k:>5}x{n:<5} {spec:>16}  fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms",
             flush=True)
       with open(f.out, "a") as fh:

@@ -17,6 +17,7 @@ import sys
 from absl import app
 from absl import flags
 
+from benchmarks import tiling
 from benchmarks import timing
 
 flags.DEFINE_string("shape", "8,2048,2048", "B,T,D")
@@ -40,28 +41,21 @@ def main(argv):
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.nn.sigmoid(jax.random.normal(k1, shape) + 2).astype(dt)
   b = jax.random.normal(k2, shape).astype(dt)
-  tiling = ("BLOCK_D", "UNROLL", "NUM_WARPS", "PREFETCH")
-  defaults = {k: getattr(recurrence_kernel, k) for k in tiling}
   for spec in f.impls.split(","):
     impl, *params = spec.split(":")
-    for k, v in defaults.items():  # plain `pallas` after a tiled one runs the defaults again
-      setattr(recurrence_kernel, k, v)
     kw = dict(impl=impl, chunk=int(params[0]) if impl == "chunked" and params else 128)
-    if impl == "pallas" and params:
-      if len(params) != 4:
-        raise app.UsageError(f"{spec!r}: expected pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>")
-      for k, v in zip(tiling, params):
-        setattr(recurrence_kernel, k, int(v))
     fwd = jax.jit(lambda a_, b_, kw=kw: linear_scan(a_, b_, **kw)[0])
     loss = lambda a_, b_, kw=kw: jnp.sum(linear_scan(a_, b_, **kw)[0].astype(jnp.float32))
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
     reps = 3 if impl == "sequential" else f.repeats
     ms = lambda fn, k=1: round(timing.median_time(fn, a, b, repeats=reps, back_to_back=k) * 1e3, 3)
-    row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
-           "shape": list(shape), "dtype": f.dtype, "fwd_ms": ms(fwd), "fwd_bwd_ms": ms(bwd),
-           "fwd_device_ms": ms(fwd, f.back_to_back), "fwd_bwd_device_ms": ms(bwd, f.back_to_back),
-           "back_to_back": f.back_to_back, "jax": jax.__version__,
-           "command": "python -m benchmarks.scan " + " ".join(sys.argv[1:])}
+    with tiling.kernel_tiling(recurrence_kernel, ("BLOCK_D", "UNROLL", "NUM_WARPS", "PREFETCH"), spec,
+                              params if impl == "pallas" else []):
+      row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
+             "shape": list(shape), "dtype": f.dtype, "fwd_ms": ms(fwd), "fwd_bwd_ms": ms(bwd),
+             "fwd_device_ms": ms(fwd, f.back_to_back), "fwd_bwd_device_ms": ms(bwd, f.back_to_back),
+             "back_to_back": f.back_to_back, "jax": jax.__version__,
+             "command": "python -m benchmarks.scan " + " ".join(sys.argv[1:])}
     print(f"SCAN {spec:>14}  fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms   back to back: "
           f"fwd {row['fwd_device_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_device_ms']:8.3f} ms", flush=True)
     with open(f.out, "a") as fh:  # line by line: a sweep cut short keeps what it measured

@@ -8,7 +8,7 @@ Forward, per token row x (norm and quantizers in float32, or float64 under x64):
 Backward: straight-through estimators on both quantizers, scales treated as constants:
   dL/dy = dout @ W_q^T,  dL/dW = y_q^T @ dout,  dL/dx through the exact RMSNorm backward.
 
-Three implementations (`impl`), identical in value:
+The implementations (`impl`), identical in value:
   fused    a `jax.custom_vjp` that saves only the layer input (and the parameters it already holds) and recomputes
            the norm and both quantizers in the backward pass: the memory saving of the official fused layer.
            The forward matmul runs on integer-valued operands in the compute dtype (exact in bfloat16: |q| <= 128)
