@@ -6,7 +6,9 @@
 Same model, optimizer, sharding and dtypes as training; random tokens instead of the data pipeline. Reports
 tokens/s (median of the timed steps after warm-up, each synchronized), MFU under the 6·N convention and
 under the exact FLOP count of `mmfree_jax.flops`, peak device memory (from the device's memory stats) and
-compile time; appends one JSON line to benchmarks/results/train_step.jsonl.
+compile time; appends one JSON line to benchmarks/results/train_step.jsonl. On several devices (the mesh from
+`--config.mesh.*`, e.g. `--config.mesh.data=1 --config.mesh.fsdp=-1` for FSDP) it also reports tokens/s per
+device, and the peak memory is the largest over the devices.
 """
 
 import datetime
@@ -73,17 +75,19 @@ def run(config, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
   counts = flops.param_counts(config.model)
   exact = flops.flops_per_token(config.model, seq_len)["train"]
   peak_flops = metrics_lib.peak_flops_per_device()
-  ndev = jax.device_count()
+  ndev = mesh.devices.size
   dev = jax.devices()[0]
-  mem = dev.memory_stats() or {}
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
   result = {
       "device": f"{dev.device_kind} x{ndev}", "date": datetime.date.today().isoformat(),
       "arch": config.model.arch, "params": counts["params"], "batch": batch, "seq_len": seq_len,
       "grad_accum": accum, "remat": config.model.remat, "bitlinear": config.model.bitlinear,
       "scan_impl": config.model.scan_impl, "dtype": config.model.dtype,
-      "tokens_per_s": round(tokens_per_s, 1), "step_ms": round(step_s * 1e3, 2),
+      "mesh": dict(mesh.shape), "tokens_per_s": round(tokens_per_s, 1),
+      "tokens_per_s_per_device": round(tokens_per_s / ndev, 1), "step_ms": round(step_s * 1e3, 2),
       "step_ms_min": round(min(times) * 1e3, 2), "step_ms_max": round(max(times) * 1e3, 2),
-      "peak_memory_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 2) if mem else None,
+      "peak_memory_gib": round(max(peaks) / 2**30, 2) if peaks else None,
       "compile_s": round(compile_s, 1), "first_loss": losses[0], "last_loss": losses[-1],
       "tflops_6n": round(flops.six_n(config.model) * tokens_per_s / 1e12, 1),
       "tflops_exact": round(exact * tokens_per_s / 1e12, 1),
@@ -119,8 +123,8 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
   with open(f.out, "a") as fh:
     fh.write(json.dumps(result) + "\n")
-  keys = ("arch", "params", "batch", "seq_len", "remat", "tokens_per_s", "step_ms", "mfu_6n", "mfu_exact",
-          "peak_memory_gib", "compile_s")
+  keys = ("arch", "params", "batch", "seq_len", "remat", "mesh", "tokens_per_s", "tokens_per_s_per_device",
+          "step_ms", "mfu_6n", "mfu_exact", "peak_memory_gib", "compile_s")
   print("RESULT " + " ".join(f"{k}={result.get(k)}" for k in keys), flush=True)
 
 
