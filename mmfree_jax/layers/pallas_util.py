@@ -1,5 +1,7 @@
 """What the layers' Pallas kernels share: interpret mode off GPUs, and running a kernel per device under a mesh."""
 
+import math
+
 import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
@@ -21,10 +23,29 @@ def pow2_divisor(n: int, cap: int) -> int:
 def per_device(fn, in_axes, out_axes):
   """`fn` as is without a mesh of several devices; under one (`jax.set_mesh` and the models' logical axis rules),
   `fn` in `shard_map`, each device running it on its shards. `in_axes` / `out_axes`: per argument / output, a
-  tuple of logical axis names, with None for an axis the kernel needs whole (gathered if the rules shard it)."""
+  tuple of logical axis names, with None for an axis the kernel needs whole (gathered if the rules shard it).
+  A logical axis whose size the mesh axes do not divide (e.g. the single row of `model.init`) stays whole."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn
-  spec = lambda names: P(*(None if n is None else nn.logical_to_mesh_axes((n,))[0] for n in names))
-  return jax.shard_map(fn, in_specs=tuple(spec(a) for a in in_axes), out_specs=tuple(spec(a) for a in out_axes),
-                       check_vma=False)
+
+  def call(*args):
+    mesh_axes, whole = {}, set()
+    for arr, names in zip(args, in_axes):
+      for dim, name in zip(arr.shape, names):
+        if name is None:
+          continue
+        axes = mesh_axes[name] = nn.logical_to_mesh_axes((name,))[0]
+        if dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)):
+          whole.add(name)
+    spec = lambda names: P(*(None if n is None or n in whole else mesh_axes.get(n) for n in names))
+    return jax.shard_map(fn, in_specs=tuple(spec(a) for a in in_axes),
+                         out_specs=tuple(spec(a) for a in out_axes), check_vma=False)(*args)
+
+  return call
+
+
+def _as_tuple(axes) -> tuple:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)

@@ -190,20 +190,23 @@ def test_kernel_bfloat16_rows_and_widths_match_vanilla():
     np.testing.assert_allclose(k, r, rtol=0, atol=4 * 2 ** -8 * np.abs(r).max())
 
 
-def test_kernel_under_a_mesh_matches_vanilla():
-  """Under a (data, fsdp, tensor) mesh the kernel runs per device on its rows; dg sums over devices."""
+@pytest.mark.parametrize("rows", [(8, 4), (3, 5)])
+def test_kernel_under_a_mesh_matches_vanilla(rows):
+  """Under a (data, fsdp, tensor) mesh the kernel runs per device on its rows; dg sums over devices. Rows that
+  the 4 data-parallel devices do not divide (15) stay whole on each device, and dg is counted once."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   rng = np.random.default_rng()
-  x = jnp.asarray(rng.normal(size=(8, 4, 64)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(*rows, 64)), jnp.float32)
   g = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32)
   w = jnp.asarray(rng.normal(size=(64, 32)) * 0.02, jnp.float32)
-  dout = jnp.asarray(rng.normal(size=(8, 4, 32)), jnp.float32)
+  dout = jnp.asarray(rng.normal(size=(*rows, 32)), jnp.float32)
   f = lambda impl: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(bl.bitlinear(*a, impl=impl) * dout), (0, 1, 2)))
   ref = f("vanilla")(x, g, w)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    got = f("pallas")(jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH))), g, w)
+    spec = P(sharding.BATCH) if rows[0] % 4 == 0 else P()
+    got = f("pallas")(jax.device_put(x, NamedSharding(mesh, spec)), g, w)
   for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6)
