@@ -6,7 +6,7 @@ import math
 import jax.numpy as jnp
 
 ARCHS = ("hgrn_bit", "transformer")
-REMAT = ("none", "full", "save_dots", "save_proj")
+REMAT = ("none", "full", "save_dots", "save_proj", "recompute_quantized")
 
 
 def glu_width(d_model: int) -> int:
