@@ -6,7 +6,7 @@ import math
 import jax.numpy as jnp
 
 ARCHS = ("hgrn_bit", "transformer")
-REMAT = ("none", "full", "save_dots", "save_proj", "recompute_quantized")
+REMAT = ("none", "full", "save_dots", "save_proj")
 
 
 def glu_width(d_model: int) -> int:

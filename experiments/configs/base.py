@@ -43,7 +43,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.scan_chunk = 128  # chunk length of the chunked scan
   m.bitlinear = "vanilla"  # vanilla (autodiff) | fused (recompute norm + quantization) | int8 | pallas | auto
   m.attention_impl = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
-  m.remat = "full"  # none | full | save_dots | save_proj | recompute_quantized (nn.remat's policy per block)
+  m.remat = "full"  # none | full | save_dots | save_proj (policy of nn.remat around each block)
   m.unroll_layers = 1  # layers per iteration of the layer loop (n_layers: unrolled, no loop; longer compile)
   m.loss_chunk = 0  # > 0: LM head + cross-entropy over this many positions at a time (less memory, 1 more head fwd)
 

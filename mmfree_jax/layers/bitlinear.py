@@ -35,9 +35,6 @@ from mmfree_jax.layers.norm import rms_normalize
 
 IMPLS = ("fused", "int8", "vanilla", "pallas", "auto")
 SCALE_FLOOR = 1e-5
-# `checkpoint_name` of the quantized input `y_q` of vanilla / pallas (the GEMM's bf16 operand, as wide as the
-# input): the `recompute_quantized` remat policy saves all but these, which the backward recomputes from `x`.
-QUANTIZED_NAME = "quantized_input"
 
 
 def round_half_away(v):
@@ -128,7 +125,6 @@ def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False):
     y_q = bitlinear_kernel.quantized_input(x, g, eps)
   else:
     y_q = _quantized_input_xla(x, g, eps, xhat)
-  y_q = checkpoint_name(y_q, QUANTIZED_NAME)
   w32 = w.astype(dtypes.accum(w.dtype))
   qw, inv_sw = quantize_weight(w32)
   w_q = w32 + lax.stop_gradient(qw * inv_sw - w32)

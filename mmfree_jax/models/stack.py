@@ -3,7 +3,6 @@
 import flax.linen as nn
 import jax
 
-from mmfree_jax.layers import bitlinear
 from mmfree_jax.layers import recurrence
 from mmfree_jax.model_config import ModelConfig
 
@@ -32,9 +31,6 @@ def save_proj_policy():
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Everything but BitLinear's quantized inputs: nearly "none"'s speed at less memory (one recomputed
-    # element-wise pass, or kernel launch, per BitLinear instead of a stored row as wide as its input).
-    "recompute_quantized": jax.checkpoint_policies.save_anything_except_these_names(bitlinear.QUANTIZED_NAME),
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_proj": save_proj_policy(),
 }
