@@ -2,21 +2,14 @@
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.layers import dtypes
-
-# `checkpoint_name` of per-row statistics (one scalar per row: the inverse RMS here, BitLinear's activation
-# scale): remat policies that save them recompute the normalized and quantized rows element-wise, without the
-# reductions over the row.
-STATS_NAME = "row_stats"
 
 
 def rms_normalize(x, eps: float):
   """`x / sqrt(mean(x^2) + eps)` over the last axis, in at least float32."""
   x = x.astype(dtypes.accum(x.dtype))
-  inv_rms = jnp.reciprocal(jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps))
-  return x * checkpoint_name(inv_rms, STATS_NAME)
+  return x * jnp.reciprocal(jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps))
 
 
 class RMSNorm(nn.Module):

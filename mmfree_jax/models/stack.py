@@ -3,7 +3,6 @@
 import flax.linen as nn
 import jax
 
-from mmfree_jax.layers import norm
 from mmfree_jax.layers import recurrence
 from mmfree_jax.model_config import ModelConfig
 
@@ -18,12 +17,10 @@ def _cudnn_attention_forward():
 
 
 def save_proj_policy():
-  """Saves every projection's output, the recurrence output, the per-row statistics of the norms and of the
-  activation quantizer (a scalar per row) and cuDNN attention's forward outputs (the output and its softmax
-  statistics, which its backward reads), so that the backward pass recomputes only element-wise work: without
-  the statistics it would redo their reductions over each row, without the last each layer's flash-attention
-  forward."""
-  names = jax.checkpoint_policies.save_only_these_names("proj", recurrence.OUTPUT_NAME, norm.STATS_NAME)
+  """Saves every projection's output, the recurrence output and cuDNN attention's forward outputs (the output
+  and its softmax statistics, which its backward reads), so that the backward pass recomputes only
+  element-wise work: without the last, remat runs each layer's flash-attention forward a second time."""
+  names = jax.checkpoint_policies.save_only_these_names("proj", recurrence.OUTPUT_NAME)
   attention = _cudnn_attention_forward()
 
   def policy(prim, *args, **params):
