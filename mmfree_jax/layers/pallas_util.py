@@ -30,19 +30,23 @@ def per_device(fn, in_axes, out_axes):
     return fn
 
   def call(*args):
-    mesh_axes, whole = {}, set()
+    whole = set()
     for arr, names in zip(args, in_axes):
       for dim, name in zip(arr.shape, names):
         if name is None:
           continue
-        axes = mesh_axes[name] = nn.logical_to_mesh_axes((name,))[0]
-        if dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)):
+        if dim % math.prod(mesh.shape[a] for a in _as_tuple(_mesh_axes(name))):
           whole.add(name)
-    spec = lambda names: P(*(None if n is None or n in whole else mesh_axes.get(n) for n in names))
+    spec = lambda names: P(*(None if n is None or n in whole else _mesh_axes(n) for n in names))
     return jax.shard_map(fn, in_specs=tuple(spec(a) for a in in_axes),
                          out_specs=tuple(spec(a) for a in out_axes), check_vma=False)(*args)
 
   return call
+
+
+def _mesh_axes(name: str):
+  """The mesh axes (None, a name or a tuple of names) that the active logical rules give one logical axis."""
+  return nn.logical_to_mesh_axes((name,))[0]
 
 
 def _as_tuple(axes) -> tuple:
