@@ -35,6 +35,8 @@ flags.DEFINE_integer("throughput_steps", 10, "Throughput stage: timed steps of e
 flags.DEFINE_integer("loss_steps", 50, "Loss stage: training steps of each run.")
 flags.DEFINE_integer("loss_batch", 8, "Loss stage: global batch (rows) of every run.")
 flags.DEFINE_integer("loss_warmup", 10, "Loss stage: learning-rate warmup steps (the config's are for long runs).")
+flags.DEFINE_string("scratch", "", "Loss stage: folder for the runs' workdirs, each deleted after it is read "
+                    "(a final checkpoint takes ~16 bytes per parameter); default: the system's temporary folder.")
 flags.DEFINE_multi_string("override", [], "Extra `--config.x=y` flags passed to every run.")
 flags.DEFINE_enum("stages", "all", ["all", "throughput", "losses"], "Which stages to run.")
 flags.DEFINE_string("out", "benchmarks/results/fsdp.jsonl", "Where to append the result line.")
@@ -117,8 +119,9 @@ def verdict(fsdp: dict, yardstick: dict) -> bool:
   return fsdp["max_abs"] <= 2 * yardstick["max_abs"]
 
 
-def losses(config: str, n: int, steps: int, batch: int, warmup: int, overrides: list[str]) -> dict:
-  root = tempfile.mkdtemp(prefix="fsdp_losses_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+def losses(config: str, n: int, steps: int, batch: int, warmup: int, overrides: list[str],
+           scratch: str = "") -> dict:
+  root = tempfile.mkdtemp(prefix="fsdp_losses_", dir=scratch or None)
   common = [f"--config={config}", "--config.data.source=embedded", "--config.data.path=",
             f"--config.train.steps={steps}", f"--config.train.global_batch={batch}", "--config.train.log_every=1",
             f"--config.optim.warmup_steps={warmup}", "--config.eval.every_steps=0", "--config.eval.batches=2",
@@ -155,7 +158,8 @@ def main(argv):
           f"{t['fsdp']['tokens_per_s_per_device']:.0f} per device: ratio {t['per_device_ratio']:.3f}; peak "
           f"{t['one']['peak_memory_gib']} / {t['fsdp']['peak_memory_gib']} GiB", flush=True)
   if f.stages in ("all", "losses"):
-    result["losses"] = r = losses(f.config, f.devices, f.loss_steps, f.loss_batch, f.loss_warmup, f.override)
+    result["losses"] = r = losses(f.config, f.devices, f.loss_steps, f.loss_batch, f.loss_warmup, f.override,
+                                  f.scratch)
     print(f"losses over {r['steps']} steps ({r['first_loss']:.3f} -> {r['last_loss']:.3f}): FSDP vs one device "
           f"max |diff| {r['fsdp_vs_one']['max_abs']:.4f} (mean {r['fsdp_vs_one']['mean_abs']:.4f}); one device "
           f"with 2 micro-batches vs one device {r['accum2_vs_one']['max_abs']:.4f} (mean "
