@@ -6,6 +6,10 @@
 `pallas:<rows_per_program>:<tile_elems>:<num_warps>` sets the kernel's tiling (`layers/bitlinear_kernel.py`;
 plain `pallas` keeps its defaults). bf16 input and output, float32 latent weights, as in training. Median of
 synchronized repeats after warm-up; appends JSON lines to benchmarks/results/bitlinear_kernel.jsonl.
+
+`--activation_only` times the activation path alone (norm + absmax + quantize, y_q of `[rows, in]`, and its
+backward; no product) as device time (calls back to back, `benchmarks/timing.py`), with the bandwidth that its
+bytes imply: what a tiling changes, without the GEMM around it.
 """
 
 import datetime
@@ -22,6 +26,7 @@ flags.DEFINE_integer("rows", 32768, "tokens (rows of the input)")
 flags.DEFINE_string("shapes", "1024x1024,2816x1024,1024x5632", "in x out features")
 flags.DEFINE_string("impls", "vanilla,pallas", "BitLinear impls (pallas:<rows_per_program>:<tile_elems>:<warps>)")
 flags.DEFINE_integer("repeats", 20, "timed repeats")
+flags.DEFINE_bool("activation_only", False, "time the activation path alone (device time; no product)")
 flags.DEFINE_string("out", "benchmarks/results/bitlinear_kernel.jsonl", "results file")
 
 
@@ -41,19 +46,48 @@ def main(argv):
     dout = jax.random.normal(kd, (f.rows, n), jnp.bfloat16)
     for spec in f.impls.split(","):
       impl, *params = spec.split(":")
-      fwd = jax.jit(lambda x_, g_, w_, impl=impl: bitlinear(x_, g_, w_, impl=impl))
-      loss = lambda x_, g_, w_, impl=impl: jnp.sum((bitlinear(x_, g_, w_, impl=impl) * dout).astype(jnp.float32))
-      bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      ms = lambda fn: round(timing.median_time(fn, x, g, w, repeats=f.repeats) * 1e3, 3)
+      if f.activation_only:
+        fwd, bwd, ms = _activation_path(impl, x, g, f.repeats)
+      else:
+        fwd = jax.jit(lambda x_, g_, w_, impl=impl: bitlinear(x_, g_, w_, impl=impl))
+        loss = lambda x_, g_, w_, impl=impl: jnp.sum((bitlinear(x_, g_, w_, impl=impl) * dout).astype(jnp.float32))
+        bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        ms = lambda fn: round(timing.median_time(fn, x, g, w, repeats=f.repeats) * 1e3, 3)
       with tiling.kernel_tiling(bitlinear_kernel, ("ROWS_PER_PROGRAM", "TILE_ELEMS", "NUM_WARPS"), spec,
                                 params if impl == "pallas" else []):
         row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
                "rows": f.rows, "in": k, "out": n, "fwd_ms": ms(fwd), "fwd_bwd_ms": ms(bwd), "jax": jax.__version__,
                "command": "python -m benchmarks.bitlinear_kernel " + " ".join(sys.argv[1:])}
-      print(f"BITLINEAR {k:>5}x{n:<5} {spec:>16}  fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms",
-            flush=True)
+      extra = ""
+      if f.activation_only:
+        del row["out"]
+        # Forward: read x, write y_q; backward: read x, dy, write dx (bf16); the forward's bytes again.
+        row["activation_only"] = True
+        row["fwd_tb_per_s"] = round(2 * x.nbytes / row["fwd_ms"] / 1e9, 2)
+        row["fwd_bwd_tb_per_s"] = round(5 * x.nbytes / row["fwd_bwd_ms"] / 1e9, 2)
+        extra = f"   ({row['fwd_tb_per_s']} / {row['fwd_bwd_tb_per_s']} TB/s)"
+      print(f"BITLINEAR {k:>5}x{n:<5} {spec:>16}  fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms"
+            + extra, flush=True)
       with open(f.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+def _activation_path(impl, x, g, repeats):
+  """(forward, forward + backward, timer) of y_q alone for `impl` (vanilla: XLA's fusions; pallas: the kernel)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.layers import bitlinear as bl  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.layers import bitlinear_kernel  # pylint: disable=g-import-not-at-top
+  if impl == "pallas":
+    y_q = lambda x_, g_: bitlinear_kernel.quantized_input(x_, g_, 1e-6)
+  elif impl == "vanilla":
+    y_q = lambda x_, g_: bl._quantized_input_xla(x_, g_, 1e-6).astype(x_.dtype)  # pylint: disable=protected-access
+  else:
+    raise app.UsageError(f"--activation_only times vanilla and pallas, not {impl!r}")
+  dy = jax.random.normal(jax.random.key(1), x.shape, x.dtype)  # (a constant cotangent lets XLA simplify)
+  fwd = jax.jit(y_q)
+  bwd = jax.jit(jax.grad(lambda x_, g_: jnp.sum((y_q(x_, g_) * dy).astype(jnp.float32)), argnums=(0, 1)))
+  return fwd, bwd, lambda fn: round(timing.median_time(fn, x, g, repeats=repeats, back_to_back=10) * 1e3, 4)
 
 
 if __name__ == "__main__":

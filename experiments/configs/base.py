@@ -41,7 +41,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype; the loss and the recurrence state are always float32
   m.scan_impl = "auto"  # sequential | associative | chunked | pallas (GPU kernel) | auto (pallas on GPUs)
   m.scan_chunk = 128  # chunk length of the chunked scan
-  m.bitlinear = "vanilla"  # vanilla (autodiff) | fused (recompute norm + quantization) | int8 | pallas | auto
+  # vanilla (autodiff) | fused (recompute norm + quantization) | int8 | pallas | pallas_fused | auto
+  m.bitlinear = "vanilla"
   m.attention_impl = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   m.remat = "full"  # none | full | save_dots | save_proj (policy of nn.remat around each block)
   m.unroll_layers = 1  # layers per iteration of the layer loop (n_layers: unrolled, no loop; longer compile)

@@ -19,6 +19,10 @@ The implementations (`impl`), identical in value:
            for the backward pass. The reference and the ablation baseline.
   pallas   vanilla with the activation path (norm, absmax, quantize; and its backward) in one GPU kernel per
            direction (`bitlinear_kernel`; interpret mode off GPUs), the product a GEMM as in vanilla.
+  pallas_fused
+           pallas' values with fused's memory: a `jax.custom_vjp` that saves only the layer input and the
+           parameters; its backward reruns the forward kernel for y_q (one read of x) and requantizes the weight,
+           so neither y_q nor the bf16 ternary weight stays live between the passes, under any remat policy.
   auto     pallas on GPUs, vanilla elsewhere.
 """
 
@@ -33,7 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.norm import rms_normalize
 
-IMPLS = ("fused", "int8", "vanilla", "pallas", "auto")
+IMPLS = ("fused", "int8", "vanilla", "pallas", "pallas_fused", "auto")
 SCALE_FLOOR = 1e-5
 
 
@@ -121,8 +125,7 @@ def _quantized_input_xla(x, g, eps, xhat=None):
 
 def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False):
   if use_kernel:
-    from mmfree_jax.layers import bitlinear_kernel  # pylint: disable=g-import-not-at-top  (it imports this module)
-    y_q = bitlinear_kernel.quantized_input(x, g, eps)
+    y_q = _kernel().quantized_input(x, g, eps)
   else:
     y_q = _quantized_input_xla(x, g, eps, xhat)
   w32 = w.astype(dtypes.accum(w.dtype))
@@ -130,6 +133,44 @@ def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False):
   w_q = w32 + lax.stop_gradient(qw * inv_sw - w32)
   # Product in the compute dtype: a float32 result would make the backward GEMMs float32 (see layers.dense).
   return _matmul(y_q.astype(x.dtype), w_q.astype(x.dtype), x.dtype)
+
+
+def _kernel():
+  from mmfree_jax.layers import bitlinear_kernel  # pylint: disable=g-import-not-at-top  (it imports this module)
+  return bitlinear_kernel
+
+
+def _ternary_bf16(w, dtype):
+  """The forward value of vanilla's straight-through weight, `w + stop_gradient(W_q - w)`, in `dtype`."""
+  w32 = w.astype(dtypes.accum(w.dtype))
+  qw, inv_sw = quantize_weight(w32)
+  return (w32 + (qw * inv_sw - w32)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bitlinear_kernel_recompute(x, g, w, eps):
+  return _kernel_recompute_fwd(x, g, w, eps)[0]
+
+
+def _kernel_recompute_fwd(x, g, w, eps):
+  y_q = _kernel().quantized_input(x, g, eps)
+  return _matmul(y_q, _ternary_bf16(w, x.dtype), x.dtype), (x, g, w)
+
+
+def _kernel_recompute_bwd(eps, res, dout):
+  # The barrier makes the recomputation's operands new values that depend on dout: XLA can then neither merge
+  # the forward kernel below with the forward pass's (CSE, which would keep y_q live after all) nor run it early.
+  (x, g, w), dout = lax.optimization_barrier((res, dout))
+  # The forward kernel again (y_q), then the product's two GEMMs, then the backward kernel (straight through
+  # the activation quantizer): what autodiff of the pallas impl runs, from the input alone.
+  y_q, input_vjp = jax.vjp(lambda x_, g_: _kernel().quantized_input(x_, g_, eps), x, g)
+  _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, x.dtype), y_q, _ternary_bf16(w, x.dtype))
+  dy_q, dw_q = product_vjp(dout)
+  dx, dg = input_vjp(dy_q)
+  return dx, dg, dw_q.astype(w.dtype)  # straight through the weight quantizer
+
+
+_bitlinear_kernel_recompute.defvjp(_kernel_recompute_fwd, _kernel_recompute_bwd)
 
 
 def resolve(impl: str) -> str:
@@ -148,14 +189,16 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   (e.g. the GLU's fused gate/up `[d, 2, I]`) is one matrix: one weight scale over all of it.
   `xhat`, optional: `rms_normalize(x, eps)` computed by the caller, for BitLinears that read the same input
   (the MLGRU's f/i/g): autodiff then sums their cotangents and runs the normalization's backward once. The
-  same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves, and `pallas`
-  reads `x` in its kernel).
+  same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves, and the
+  `pallas` ones read `x` in their kernel).
   """
   impl = resolve(impl)
   out_shape = kernel.shape[1:]
   kernel = kernel.reshape(kernel.shape[0], -1)
   if impl in ("vanilla", "pallas"):
     out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas")
+  elif impl == "pallas_fused":
+    out = _bitlinear_kernel_recompute(x, norm_scale, kernel, eps)
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)

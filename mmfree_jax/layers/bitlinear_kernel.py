@@ -31,10 +31,10 @@ from mmfree_jax.layers import dtypes
 from mmfree_jax.layers import pallas_util
 from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
-ROWS_PER_PROGRAM = 32  # (the largest power of two <= this dividing the number of rows)
-TILE_ELEMS = 8192  # elements per tile (one loop iteration; K rounded up to a power of two): whole rows
+ROWS_PER_PROGRAM = 8  # (the largest power of two <= this dividing the number of rows)
+TILE_ELEMS = 4096  # elements per tile (one loop iteration; K rounded up to a power of two): whole rows
 #                   loaded, reduced and stored at once; wide rows take fewer rows per tile, keeping registers
-NUM_WARPS = 4
+NUM_WARPS = 2  # per TILE_ELEMS: a row wider than a tile takes proportionally more warps (elements per thread fixed)
 ROW_AXES = ("act_batch", None)  # [rows, K]: rows over the batch's mesh axes, the width whole
 
 
@@ -114,6 +114,13 @@ def _backward_kernel(x_ref, g_ref, dy_ref, dx_ref, dg_ref, *, eps):
     dg_ref[pl.program_id(0), pl.ds(o, n)] = v
 
 
+def _num_warps(k: int) -> int:
+  """NUM_WARPS, scaled up for rows wider than a tile (one row per tile), so that no thread holds more elements
+  than at TILE_ELEMS (more spill registers: log item 18)."""
+  kp = 1 << max(k - 1, 0).bit_length()
+  return NUM_WARPS * max(1, kp // TILE_ELEMS)
+
+
 def _launch(kernel, operands, out_shape, n_programs):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(n_programs,),
@@ -121,7 +128,7 @@ def _launch(kernel, operands, out_shape, n_programs):
       in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: programs index their rows
       out_specs=jax.tree.map(lambda _: pl.BlockSpec(), out_shape),
       interpret=pallas_util.interpret(),
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
+      compiler_params=plgpu.CompilerParams(num_warps=_num_warps(operands[0].shape[1])),
   )(*operands)
 
 

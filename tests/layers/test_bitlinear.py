@@ -141,6 +141,14 @@ def test_fused_saves_only_its_inputs(capsys):
   assert sum("argument" not in line for line in vanilla) >= 1, vanilla
 
 
+def test_kernel_recompute_saves_only_its_inputs(capsys):
+  # pallas_fused keeps the layer input alone, as fused does; pallas (vanilla's residuals) keeps y_q too.
+  recompute = _saved_residuals("pallas_fused", capsys)
+  pallas = _saved_residuals("pallas", capsys)
+  assert len(recompute) == 1 and "argument" in recompute[0], recompute
+  assert sum("argument" not in line for line in pallas) >= 1, pallas
+
+
 def test_multi_axis_kernel_is_one_matrix(x64):
   rng = np.random.default_rng()
   x, g, w = rng.normal(size=(5, 16)), np.ones(16), rng.normal(size=(16, 2, 8))
@@ -181,13 +189,17 @@ def test_kernel_bfloat16_rows_and_widths_match_vanilla():
   w = jnp.asarray(rng.normal(size=(352, 40)) * 0.02, jnp.float32)
   dout = jnp.asarray(rng.normal(size=(3, 7, 40)), jnp.bfloat16)
   f = lambda impl, *a: jnp.sum((bl.bitlinear(*a, impl=impl) * dout).astype(jnp.float32))
-  ref = jax.value_and_grad(lambda *a: f("vanilla", *a), argnums=(0, 1, 2))(x, g, w)
-  got = jax.value_and_grad(lambda *a: f("pallas", *a), argnums=(0, 1, 2))(x, g, w)
+  grads = lambda impl: jax.value_and_grad(lambda *a: f(impl, *a), argnums=(0, 1, 2))(x, g, w)
+  ref, got = grads("vanilla"), grads("pallas")
   # Both round y_q and the products to bf16 (8 significant bits); float32 sums in different orders can move a
   # quantization code by one or a bf16 rounding by one ulp: a few bf16 ulps of each result's scale.
   for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     r, k = np.asarray(r, np.float32), np.asarray(k, np.float32)
     np.testing.assert_allclose(k, r, rtol=0, atol=4 * 2 ** -8 * np.abs(r).max())
+  # pallas_fused runs the same kernels and GEMMs, the forward kernel once more in the backward pass: the same
+  # bits as pallas.
+  for r, k in zip(jax.tree.leaves(got), jax.tree.leaves(grads("pallas_fused"))):
+    np.testing.assert_array_equal(np.asarray(k, np.float32), np.asarray(r, np.float32))
 
 
 @pytest.mark.parametrize("rows", [(8, 4), (3, 5)])
@@ -205,8 +217,18 @@ def test_kernel_under_a_mesh_matches_vanilla(rows):
   dout = jnp.asarray(rng.normal(size=(*rows, 32)), jnp.float32)
   f = lambda impl: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(bl.bitlinear(*a, impl=impl) * dout), (0, 1, 2)))
   ref = f("vanilla")(x, g, w)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    spec = P(sharding.BATCH) if rows[0] % 4 == 0 else P()
-    got = f("pallas")(jax.device_put(x, NamedSharding(mesh, spec)), g, w)
-  for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-    np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6)
+  for impl in ("pallas", "pallas_fused"):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      spec = P(sharding.BATCH) if rows[0] % 4 == 0 else P()
+      got = f(impl)(jax.device_put(x, NamedSharding(mesh, spec)), g, w)
+    for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6, err_msg=impl)
+
+
+def test_kernel_warps_grow_with_rows_wider_than_a_tile():
+  from mmfree_jax.layers import bitlinear_kernel as bk  # pylint: disable=g-import-not-at-top
+  base = bk.NUM_WARPS
+  assert bk._num_warps(bk.TILE_ELEMS) == base  # pylint: disable=protected-access
+  assert bk._num_warps(bk.TILE_ELEMS // 4 + 1) == base  # pylint: disable=protected-access
+  assert bk._num_warps(bk.TILE_ELEMS + 1) == 2 * base  # pylint: disable=protected-access
+  assert bk._num_warps(4 * bk.TILE_ELEMS) == 4 * base  # pylint: disable=protected-access
