@@ -128,6 +128,11 @@ def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False):
     y_q = _kernel().quantized_input(x, g, eps)
   else:
     y_q = _quantized_input_xla(x, g, eps, xhat)
+  return _ste_product(x, y_q, w)
+
+
+def _ste_product(x, y_q, w):
+  """`y_q @ W_q` in x's dtype, straight through the weight quantizer (autodiff)."""
   w32 = w.astype(dtypes.accum(w.dtype))
   qw, inv_sw = quantize_weight(w32)
   w_q = w32 + lax.stop_gradient(qw * inv_sw - w32)
@@ -148,29 +153,35 @@ def _ternary_bf16(w, dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _bitlinear_kernel_recompute(x, g, w, eps):
-  return _kernel_recompute_fwd(x, g, w, eps)[0]
+def _kernel_recompute(x, gs, ws, eps):
+  """pallas_fused for n BitLinears reading x: norm scales `gs [n, K]`, kernels `ws` (a tuple of n `[K, N_j]`)."""
+  return _kernel_recompute_fwd(x, gs, ws, eps)[0]
 
 
-def _kernel_recompute_fwd(x, g, w, eps):
-  y_q = _kernel().quantized_input(x, g, eps)
-  return _matmul(y_q, _ternary_bf16(w, x.dtype), x.dtype), (x, g, w)
+def _kernel_recompute_fwd(x, gs, ws, eps):
+  y_qs = _kernel().quantized_inputs(x, gs, eps)
+  return tuple(_matmul(y, _ternary_bf16(w, x.dtype), x.dtype) for y, w in zip(y_qs, ws)), (x, gs, ws)
 
 
-def _kernel_recompute_bwd(eps, res, dout):
-  # The barrier makes the recomputation's operands new values that depend on dout: XLA can then neither merge
-  # the forward kernel below with the forward pass's (CSE, which would keep y_q live after all) nor run it early.
-  (x, g, w), dout = lax.optimization_barrier((res, dout))
-  # The forward kernel again (y_q), then the product's two GEMMs, then the backward kernel (straight through
+def _kernel_recompute_bwd(eps, res, douts):
+  # The barrier makes the recomputation's operands new values that depend on the cotangents: XLA can then
+  # neither merge the forward kernel below with the forward pass's (CSE, which would keep y_q live after all)
+  # nor run it early.
+  (x, gs, ws), douts = lax.optimization_barrier((res, douts))
+  # The forward kernel again (y_q), then each product's two GEMMs, then the backward kernel (straight through
   # the activation quantizer): what autodiff of the pallas impl runs, from the input alone.
-  y_q, input_vjp = jax.vjp(lambda x_, g_: _kernel().quantized_input(x_, g_, eps), x, g)
-  _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, x.dtype), y_q, _ternary_bf16(w, x.dtype))
-  dy_q, dw_q = product_vjp(dout)
-  dx, dg = input_vjp(dy_q)
-  return dx, dg, dw_q.astype(w.dtype)  # straight through the weight quantizer
+  y_qs, input_vjp = jax.vjp(lambda x_, g_: _kernel().quantized_inputs(x_, g_, eps), x, gs)
+  dys, dws = [], []
+  for y_q, w, dout in zip(y_qs, ws, douts):
+    _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, x.dtype), y_q, _ternary_bf16(w, x.dtype))
+    dy, dw = product_vjp(dout)
+    dys.append(dy)
+    dws.append(dw.astype(w.dtype))  # straight through the weight quantizer
+  dx, dgs = input_vjp(tuple(dys))
+  return dx, dgs, tuple(dws)
 
 
-_bitlinear_kernel_recompute.defvjp(_kernel_recompute_fwd, _kernel_recompute_bwd)
+_kernel_recompute.defvjp(_kernel_recompute_fwd, _kernel_recompute_bwd)
 
 
 def resolve(impl: str) -> str:
@@ -198,10 +209,27 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   if impl in ("vanilla", "pallas"):
     out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas")
   elif impl == "pallas_fused":
-    out = _bitlinear_kernel_recompute(x, norm_scale, kernel, eps)
+    out = _kernel_recompute(x, norm_scale[None], (kernel,), eps)[0]
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)
+
+
+def bitlinear_group(x, norm_scales, kernels, *, eps: float = 1e-6, impl: str = "fused") -> tuple:
+  """BitLinears that read the same `x [..., in]` (the MLGRU's f/i/g), each with its own norm scale `[in]` and
+  kernel `[in, *out_j]`: `tuple(bitlinear(x, g, w) for g, w in ...)`, the same values. The kernel impls make one
+  launch per direction for all of them (one read of x); vanilla normalizes x once (`xhat`)."""
+  impl = resolve(impl)
+  if impl not in ("pallas", "pallas_fused"):
+    xhat = rms_normalize(x, eps) if impl == "vanilla" else None
+    return tuple(bitlinear(x, g, w, eps=eps, impl=impl, xhat=xhat) for g, w in zip(norm_scales, kernels))
+  flat = tuple(w.reshape(w.shape[0], -1) for w in kernels)
+  gs = jnp.stack(norm_scales)
+  if impl == "pallas":
+    outs = tuple(_ste_product(x, y_q, w) for y_q, w in zip(_kernel().quantized_inputs(x, gs, eps), flat))
+  else:
+    outs = _kernel_recompute(x, gs, flat, eps)
+  return tuple(o.reshape(*o.shape[:-1], *w.shape[1:]) for o, w in zip(outs, kernels))
 
 
 def int_accumulators(x, norm_scale, kernel, *, eps: float = 1e-6):
@@ -228,11 +256,30 @@ class BitLinear(nn.Module):
   @nn.compact
   def __call__(self, x, xhat=None):
     """`xhat`: see `bitlinear` (the shared normalization of an input read by several BitLinears)."""
-    d_in = x.shape[-1]
-    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                        (d_in, *features), self.param_dtype)
-    norm_scale = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes[:1]),
-                            (d_in,), self.param_dtype)
+    norm_scale, kernel = _declare_params(self, x.shape[-1])
     return checkpoint_name(bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl,
                                     xhat=xhat), "proj")
+
+
+def _declare_params(module, d_in: int):
+  """A BitLinear's parameters in `module`'s scope: (norm_scale [in], kernel [in, *features])."""
+  features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
+  kernel = module.param("kernel", nn.with_logical_partitioning(module.kernel_init, module.axes),
+                        (d_in, *features), module.param_dtype)
+  norm_scale = module.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, module.axes[:1]),
+                            (d_in,), module.param_dtype)
+  return norm_scale, kernel
+
+
+class BitLinearParams(nn.Module):
+  """A BitLinear's parameters alone (the same names, shapes, axes and initial values), for a caller that applies
+  several BitLinears at once (`bitlinear_group`): `BitLinearParams(..., name="f_proj")(d_in)` returns
+  `(norm_scale, kernel)`, and the parameter tree is the one `BitLinear(..., name="f_proj")` makes."""
+  features: int | tuple[int, ...]
+  axes: tuple[str | None, ...] = ("embed", "mlp")
+  kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, d_in: int):
+    return _declare_params(self, d_in)

@@ -71,97 +71,125 @@ def _row_sum(vs):
   return sum(jnp.sum(v, axis=1, keepdims=True) for v in vs)
 
 
-def _stats(x, g, k, eps):
-  """(xhat, y, rstd [rows, 1]) of a tile of rows given as pieces, in the accumulation dtype."""
+def _stats(x, k, eps):
+  """(xhat, rstd [rows, 1]) of a tile of rows given as pieces, in the accumulation dtype."""
   rstd = lax.rsqrt(_row_sum([v * v for v in x]) / k + eps)
-  xhat = [v * rstd for v in x]
-  return xhat, [v * w[None] for v, w in zip(xhat, g)], rstd
+  return [v * rstd for v in x], rstd
 
 
-def _forward_kernel(x_ref, g_ref, o_ref, *, eps):
+def _scales(g_ref, pieces):
+  """The norm scales `g [n, K]` as n lists of pieces."""
+  return [[g_ref[j, pl.ds(o, m)] for o, m in pieces] for j in range(g_ref.shape[0])]
+
+
+def _forward_kernel(x_ref, g_ref, *o_refs, eps):
   n_rows, k = x_ref.shape
   pieces = _pieces(k)
-  g = [g_ref[pl.ds(o, n)] for o, n in pieces]
+  gs = _scales(g_ref, pieces)
 
   def visit(carry, r0, rows):
-    _, y, _ = _stats(_load(x_ref, r0, rows, pieces), g, k, eps)
-    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1, keepdims=True) for v in y])
-    scale = 127.0 / jnp.maximum(amax, SCALE_FLOOR)
-    for (o, n), v in zip(pieces, y):
-      q = jnp.clip(round_half_away(v * scale), -128.0, 127.0)
-      o_ref[pl.ds(r0, rows), pl.ds(o, n)] = (q * (1.0 / scale)).astype(o_ref.dtype)
+    xhat, _ = _stats(_load(x_ref, r0, rows, pieces), k, eps)
+    for g, o_ref in zip(gs, o_refs):  # one normalization, one quantized input per norm scale
+      y = [v * w[None] for v, w in zip(xhat, g)]
+      amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1, keepdims=True) for v in y])
+      scale = 127.0 / jnp.maximum(amax, SCALE_FLOOR)
+      for (o, m), v in zip(pieces, y):
+        q = jnp.clip(round_half_away(v * scale), -128.0, 127.0)
+        o_ref[pl.ds(r0, rows), pl.ds(o, m)] = (q * (1.0 / scale)).astype(o_ref.dtype)
     return carry
 
   _walk_tiles(n_rows, k, visit, 0)
 
 
-def _backward_kernel(x_ref, g_ref, dy_ref, dx_ref, dg_ref, *, eps):
+def _backward_kernel(x_ref, g_ref, *refs, eps):
+  *dy_refs, dx_ref, dg_ref = refs
   n_rows, k = x_ref.shape
   pieces = _pieces(k)
-  g = [g_ref[pl.ds(o, n)] for o, n in pieces]
+  gs = _scales(g_ref, pieces)
 
-  def visit(dg, r0, rows):
-    xhat, _, rstd = _stats(_load(x_ref, r0, rows, pieces), g, k, eps)
-    dy = _load(dy_ref, r0, rows, pieces)
-    dxhat = [d * w[None] for d, w in zip(dy, g)]
+  def visit(dgs, r0, rows):
+    xhat, rstd = _stats(_load(x_ref, r0, rows, pieces), k, eps)
+    dxhat, out = None, []
+    for g, dy_ref, dg in zip(gs, dy_refs, dgs):  # the cotangents of xhat add up over the norm scales
+      dy = _load(dy_ref, r0, rows, pieces)
+      d = [u * w[None] for u, w in zip(dy, g)]
+      dxhat = d if dxhat is None else [a + b for a, b in zip(dxhat, d)]
+      out.append([a + jnp.sum(u * v, axis=0) for a, u, v in zip(dg, dy, xhat)])
     mean = _row_sum([d * v for d, v in zip(dxhat, xhat)]) / k
-    for (o, n), d, v in zip(pieces, dxhat, xhat):
-      dx_ref[pl.ds(r0, rows), pl.ds(o, n)] = (rstd * (d - v * mean)).astype(dx_ref.dtype)
-    return [a + jnp.sum(d * v, axis=0) for a, d, v in zip(dg, dy, xhat)]
+    for (o, m), d, v in zip(pieces, dxhat, xhat):
+      dx_ref[pl.ds(r0, rows), pl.ds(o, m)] = (rstd * (d - v * mean)).astype(dx_ref.dtype)
+    return out
 
-  dg = _walk_tiles(n_rows, k, visit, [jnp.zeros((n,), g_ref.dtype) for _, n in pieces])
-  for (o, n), v in zip(pieces, dg):
-    dg_ref[pl.program_id(0), pl.ds(o, n)] = v
+  zeros = [[jnp.zeros((m,), g_ref.dtype) for _, m in pieces] for _ in dy_refs]
+  dgs = _walk_tiles(n_rows, k, visit, zeros)
+  for j, dg in enumerate(dgs):
+    for (o, m), v in zip(pieces, dg):
+      dg_ref[pl.program_id(0), j, pl.ds(o, m)] = v
 
 
-def _num_warps(k: int) -> int:
-  """NUM_WARPS, scaled up for rows wider than a tile (one row per tile), so that no thread holds more elements
-  than at TILE_ELEMS (more spill registers: log item 18)."""
+def _num_warps(k: int, n: int = 1) -> int:
+  """NUM_WARPS, scaled up for rows wider than a tile (one row per tile) and for n norm scales (n dg accumulators
+  per program), so that no thread holds more elements than one scale at TILE_ELEMS does (more spill registers:
+  log item 18)."""
   kp = 1 << max(k - 1, 0).bit_length()
-  return NUM_WARPS * max(1, kp // TILE_ELEMS)
+  return NUM_WARPS * max(1, kp // TILE_ELEMS) * (1 << max(n - 1, 0).bit_length())
 
 
-def _launch(kernel, operands, out_shape, n_programs):
+def _launch(kernel, operands, out_shape, n_programs, num_warps):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(n_programs,),
       name="bitlinear" + kernel.func.__name__.removesuffix("_kernel"),  # bitlinear_forward / _backward in profiles
       in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: programs index their rows
       out_specs=jax.tree.map(lambda _: pl.BlockSpec(), out_shape),
       interpret=pallas_util.interpret(),
-      compiler_params=plgpu.CompilerParams(num_warps=_num_warps(operands[0].shape[1])),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps),
   )(*operands)
 
 
-def _forward(x, g, eps):
-  out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-  return _launch(functools.partial(_forward_kernel, eps=eps), (x, g.astype(dtypes.accum(x.dtype))), out,
-                 _geometry(*x.shape)[2])
+def _forward(x, gs, eps):
+  """The quantized inputs (a tuple, one per row of `gs [n, K]`) of rows `x [rows, K]`."""
+  out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for _ in range(gs.shape[0]))
+  return _launch(functools.partial(_forward_kernel, eps=eps), (x, gs.astype(dtypes.accum(x.dtype))), out,
+                 _geometry(*x.shape)[2], _num_warps(x.shape[1]))
 
 
-def _backward(x, g, dy, eps):
+def _backward(x, gs, dys, eps):
   n_prog = _geometry(*x.shape)[2]
   acc = dtypes.accum(x.dtype)
-  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n_prog, x.shape[1]), acc))
-  dx, dg = _launch(functools.partial(_backward_kernel, eps=eps), (x, g.astype(acc), dy.astype(x.dtype)), shapes,
-                   n_prog)
-  return dx, jnp.sum(dg, axis=0).astype(g.dtype)
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n_prog, *gs.shape), acc))
+  dx, dg = _launch(functools.partial(_backward_kernel, eps=eps),
+                   (x, gs.astype(acc), *(dy.astype(x.dtype) for dy in dys)), shapes, n_prog,
+                   _num_warps(x.shape[1], len(dys)))
+  return dx, jnp.sum(dg, axis=0).astype(gs.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _quantized_input(x, g, eps):
-  return _forward(x, g, eps)
+def _quantized_inputs(x, gs, eps):
+  return _forward(x, gs, eps)
 
 
-def _quantized_input_fwd(x, g, eps):
-  return _forward(x, g, eps), (x, g)
+def _quantized_inputs_fwd(x, gs, eps):
+  return _forward(x, gs, eps), (x, gs)
 
 
-def _quantized_input_bwd(eps, res, dy):
-  x, g = res
-  return _backward(x, g, dy, eps)
+def _quantized_inputs_bwd(eps, res, dys):
+  x, gs = res
+  return _backward(x, gs, dys, eps)
 
 
-_quantized_input.defvjp(_quantized_input_fwd, _quantized_input_bwd)
+_quantized_inputs.defvjp(_quantized_inputs_fwd, _quantized_inputs_bwd)
+
+
+def quantized_inputs(x, gs, eps: float) -> tuple:
+  """The quantized inputs `y_q [..., K]` (x's dtype) of `x [..., K]`, one per norm scale `gs[j]` of `gs [n, K]`:
+  the BitLinears that read the same input (the MLGRU's f/i/g) in one kernel launch per direction, reading `x`
+  once. Differentiable in x and gs (straight through the quantizer); see the module docstring."""
+  if gs.ndim != 2 or x.shape[-1] != gs.shape[-1]:
+    raise ValueError(f"bitlinear kernel: x [..., K] and norm scales [n, K] expected; got {x.shape} and {gs.shape}")
+  rows = x.reshape(-1, x.shape[-1])
+  fn = lambda r, g_: _quantized_inputs(r, g_, eps)
+  outs = pallas_util.per_device(fn, (ROW_AXES, (None, None)), (ROW_AXES,) * gs.shape[0])(rows, gs)
+  return tuple(o.reshape(x.shape) for o in outs)
 
 
 def quantized_input(x, g, eps: float):
@@ -169,7 +197,4 @@ def quantized_input(x, g, eps: float):
   module docstring. Differentiable in x and g (straight through the quantizer)."""
   if x.shape[-1] != g.shape[-1] or g.ndim != 1:
     raise ValueError(f"bitlinear kernel: x [..., K] and g [K] expected; got {x.shape} and {g.shape}")
-  rows = x.reshape(-1, x.shape[-1])
-  fn = lambda r, g_: (_quantized_input(r, g_, eps),)
-  (out,) = pallas_util.per_device(fn, (ROW_AXES, (None,)), (ROW_AXES,))(rows, g)
-  return out.reshape(x.shape)
+  return quantized_inputs(x, g[None], eps)[0]

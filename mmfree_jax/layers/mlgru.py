@@ -8,10 +8,11 @@
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.layers import dtypes
-from mmfree_jax.layers.bitlinear import BitLinear, resolve
-from mmfree_jax.layers.norm import RMSNorm, rms_normalize
+from mmfree_jax.layers.bitlinear import BitLinear, BitLinearParams, bitlinear_group
+from mmfree_jax.layers.norm import RMSNorm
 from mmfree_jax.layers.recurrence import linear_scan
 from mmfree_jax.model_config import ModelConfig
 
@@ -27,19 +28,21 @@ class MLGRU(nn.Module):
     """Returns (out [B, T, D] in the compute dtype, final state [B, D] float32)."""
     cfg = self.cfg
     acc = dtypes.accum(cfg.compute_dtype)
-    proj = lambda name, axes=("embed", "heads"): BitLinear(
-        cfg.d_model, axes=axes, kernel_init=PROJ_INIT, eps=cfg.norm_eps, impl=cfg.bitlinear,
-        dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
-    # f/i/g read the same input: normalize it once (one normalization backward on their summed cotangents).
-    xhat = rms_normalize(x_BTD.astype(cfg.compute_dtype), cfg.norm_eps) if resolve(cfg.bitlinear) == "vanilla" else None
-    f = jax.nn.sigmoid(proj("f_proj")(x_BTD, xhat).astype(acc))
+    # f/i/g read the same input: one group (one normalization, or one kernel launch per direction for all three).
+    params = [BitLinearParams(cfg.d_model, axes=("embed", "heads"), kernel_init=PROJ_INIT,
+                              param_dtype=cfg.weight_dtype, name=name)(x_BTD.shape[-1])
+              for name in ("f_proj", "i_proj", "g_proj")]
+    f, i, g = (checkpoint_name(v, "proj") for v in bitlinear_group(
+        x_BTD.astype(cfg.compute_dtype), *zip(*params), eps=cfg.norm_eps, impl=cfg.bitlinear))
+    f = jax.nn.sigmoid(f.astype(acc))
     lb = lower_bound_D.astype(acc)
     f = lb + (1.0 - lb) * f
-    i = jax.nn.silu(proj("i_proj")(x_BTD, xhat).astype(acc)) * (1.0 - f)
+    i = jax.nn.silu(i.astype(acc)) * (1.0 - f)
     f = nn.with_logical_constraint(f.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
     i = nn.with_logical_constraint(i.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
     h, h_last = linear_scan(f, i, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
-    g = RMSNorm(cfg.norm_eps, dtype=acc, param_dtype=cfg.weight_dtype, axis_name="heads",
-                name="g_norm")(proj("g_proj")(x_BTD, xhat))
+    g = RMSNorm(cfg.norm_eps, dtype=acc, param_dtype=cfg.weight_dtype, axis_name="heads", name="g_norm")(g)
     o = (g * jax.nn.silu(h.astype(acc))).astype(cfg.compute_dtype)
-    return proj("o_proj", ("heads", "embed"))(o), h_last
+    o_proj = BitLinear(cfg.d_model, axes=("heads", "embed"), kernel_init=PROJ_INIT, eps=cfg.norm_eps,
+                       impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="o_proj")
+    return o_proj(o), h_last

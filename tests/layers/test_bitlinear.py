@@ -232,3 +232,83 @@ def test_kernel_warps_grow_with_rows_wider_than_a_tile():
   assert bk._num_warps(bk.TILE_ELEMS // 4 + 1) == base  # pylint: disable=protected-access
   assert bk._num_warps(bk.TILE_ELEMS + 1) == 2 * base  # pylint: disable=protected-access
   assert bk._num_warps(4 * bk.TILE_ELEMS) == 4 * base  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("impl", [i for i in bl.IMPLS if i != "auto"])
+def test_group_equals_separate_layers_float64(x64, impl):
+  """BitLinears reading one input as a group (one kernel launch per direction for the pallas impls): the values
+  and every gradient of separate layers, in float64."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(2, 5, 48)))
+  gs = [jnp.asarray(rng.uniform(0.5, 1.5, 48)) for _ in range(3)]
+  ws = [jnp.asarray(rng.normal(size=(48, 16)) * 0.02), jnp.asarray(rng.normal(size=(48, 2, 8)) * 0.02),
+        jnp.asarray(rng.normal(size=(48, 24)) * 0.02)]
+  cot = [jnp.asarray(rng.normal(size=(2, 5, *w.shape[1:]))) for w in ws]
+
+  def loss(x, gs, ws, group):
+    outs = (bl.bitlinear_group(x, gs, ws, impl=impl) if group else
+            [bl.bitlinear(x, g, w, impl=impl) for g, w in zip(gs, ws)])
+    return sum(jnp.sum(c * o) for c, o in zip(cot, outs))
+
+  ref_val, ref_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, gs, ws, False)
+  val, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, gs, ws, True)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-12)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_kernel_group_bfloat16_matches_separate_kernels():
+  """The three-scale kernel on bf16 rows: the same quantized inputs bit for bit (the same per-scale math); the
+  input's gradient sums the three cotangents in float32 inside the kernel instead of adding three bf16 results."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(3, 7, 352)), jnp.bfloat16)
+  gs = [jnp.asarray(rng.uniform(0.5, 1.5, 352), jnp.float32) for _ in range(3)]
+  ws = [jnp.asarray(rng.normal(size=(352, 40)) * 0.02, jnp.float32) for _ in range(3)]
+  cot = [jnp.asarray(rng.normal(size=(3, 7, 40)), jnp.bfloat16) for _ in range(3)]
+  for impl in ("pallas", "pallas_fused"):
+    def loss(x, gs, ws, group, impl=impl):
+      outs = (bl.bitlinear_group(x, gs, ws, impl=impl) if group else
+              [bl.bitlinear(x, g, w, impl=impl) for g, w in zip(gs, ws)])
+      return sum(jnp.sum((c * o).astype(jnp.float32)) for c, o in zip(cot, outs)), outs
+
+    (_, ref_outs), ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, gs, ws, False)
+    (_, outs), got = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, gs, ws, True)
+    for r, k in zip(ref_outs, outs):
+      np.testing.assert_array_equal(np.asarray(k, np.float32), np.asarray(r, np.float32))
+    # Gradients: a few bf16 ulps of each result's scale (the summation order of the input's cotangent).
+    for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      r, k = np.asarray(r, np.float32), np.asarray(k, np.float32)
+      np.testing.assert_allclose(k, r, rtol=0, atol=4 * 2 ** -8 * np.abs(r).max(), err_msg=impl)
+
+
+def test_kernel_group_under_a_mesh_matches_vanilla():
+  """The three-scale kernel per device under a (data, fsdp, tensor) mesh: dg of every scale summed over devices."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(8, 4, 64)), jnp.float32)
+  gs = [jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32) for _ in range(3)]
+  ws = [jnp.asarray(rng.normal(size=(64, 32)) * 0.02, jnp.float32) for _ in range(3)]
+  cot = [jnp.asarray(rng.normal(size=(8, 4, 32)), jnp.float32) for _ in range(3)]
+  loss = lambda impl: jax.jit(jax.value_and_grad(
+      lambda x, gs, ws: sum(jnp.sum(c * o) for c, o in zip(cot, bl.bitlinear_group(x, gs, ws, impl=impl))),
+      argnums=(0, 1, 2)))
+  ref = loss("vanilla")(x, gs, ws)
+  for impl in ("pallas", "pallas_fused"):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      got = loss(impl)(jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH))), gs, ws)
+    for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6, err_msg=impl)
+
+
+def test_params_module_makes_the_layers_tree():
+  """`BitLinearParams` declares what `BitLinear` does: the same names, shapes, axes and initial values."""
+  x = jnp.ones((2, 16))
+  kw = dict(features=(2, 8), axes=("embed", None, "mlp"))
+  layer = bl.BitLinear(**kw, impl="vanilla").init(jax.random.key(3), x)
+  params = bl.BitLinearParams(**kw).init(jax.random.key(3), 16)
+  assert jax.tree.structure(layer) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
