@@ -11,9 +11,10 @@ weight decay 0.1; MatMul-free: peak LR 4e-3, cosine with the LR halved at the mi
 cosine to 0.1x. Steps are set for the paper's 15B tokens. The paper trained on SlimPajama with a 32k
 SentencePiece vocabulary; README.md lists its zero-shot results.
 Smoke run without data: add `--config.data.source=embedded --config.train.steps=20 --config.train.global_batch=8`.
-Speed on one H100 (benchmarks/README.md), 16 x 2048 tokens per step: this preset 144.6k tokens/s in 27.5 GiB;
-fastest measured, 161.3k in 34.4 GiB, with `--config.train.grad_accum=2 --config.model.unroll_layers=24
---config.model.remat=none --config.model.bitlinear=pallas` (at 256 rows per step: grad_accum=32).
+Speed on one H100 (benchmarks/README.md), 16 x 2048 tokens per step: this preset 144.6k tokens/s in 27.5 GiB
+(any backend); on GPUs, 153.9k in 28.0 GiB with micro-batches of 8 rows, the layers unrolled, no remat and the
+BitLinear kernels saving only their inputs: `--config.train.grad_accum=2 --config.model.unroll_layers=24
+--config.model.remat=none --config.model.bitlinear=pallas_fused` (at 256 rows per step: grad_accum=32).
 """
 
 from experiments.configs import base
