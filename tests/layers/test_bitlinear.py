@@ -266,7 +266,7 @@ def test_kernel_group_bfloat16_matches_separate_kernels():
   gs = [jnp.asarray(rng.uniform(0.5, 1.5, 352), jnp.float32) for _ in range(3)]
   ws = [jnp.asarray(rng.normal(size=(352, 40)) * 0.02, jnp.float32) for _ in range(3)]
   cot = [jnp.asarray(rng.normal(size=(2, 8, 40)), jnp.bfloat16) for _ in range(3)]
-  for impl in ("pallas", "pallas_fused"):
+  for impl in ("pallas_fused",):  # both kernels, through the recomputing VJP (pallas' group: the float64 test)
     def loss(x, gs, ws, group, impl=impl):
       outs = (bl.bitlinear_group(x, gs, ws, impl=impl) if group else
               [bl.bitlinear(x, g, w, impl=impl) for g, w in zip(gs, ws)])
