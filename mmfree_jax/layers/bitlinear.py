@@ -219,6 +219,9 @@ def bitlinear_group(x, norm_scales, kernels, *, eps: float = 1e-6, impl: str = "
   """BitLinears that read the same `x [..., in]` (the MLGRU's f/i/g), each with its own norm scale `[in]` and
   kernel `[in, *out_j]`: `tuple(bitlinear(x, g, w) for g, w in ...)`, the same values. The kernel impls make one
   launch per direction for all of them (one read of x); vanilla normalizes x once (`xhat`)."""
+  if len(norm_scales) != len(kernels) or not kernels:
+    raise ValueError(f"bitlinear_group: one norm scale per kernel expected; got {len(norm_scales)} norm scales "
+                     f"and {len(kernels)} kernels")
   impl = resolve(impl)
   if impl not in ("pallas", "pallas_fused"):
     xhat = rms_normalize(x, eps) if impl == "vanilla" else None

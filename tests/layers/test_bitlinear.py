@@ -181,6 +181,11 @@ def test_unknown_impl_is_an_error():
     bl.bitlinear(jnp.ones((1, 4)), jnp.ones(4), jnp.ones((4, 2)), impl="fp8")
 
 
+def test_group_needs_one_norm_scale_per_kernel():
+  with pytest.raises(ValueError, match="one norm scale per kernel"):
+    bl.bitlinear_group(jnp.ones((1, 4)), [jnp.ones(4)] * 2, [jnp.ones((4, 2))] * 3, impl="pallas")
+
+
 def test_kernel_bfloat16_rows_and_widths_match_vanilla():
   """The GPU kernel (interpret mode here) on bf16 inputs: odd rows, a width of three power-of-two pieces."""
   rng = np.random.default_rng()
