@@ -227,7 +227,9 @@ def test_kernel_under_a_mesh_matches_vanilla(rows):
       spec = P(sharding.BATCH) if rows[0] % 4 == 0 else P()
       got = f(impl)(jax.device_put(x, NamedSharding(mesh, spec)), g, w)
     for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-      np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6, err_msg=impl)
+      # float32 sums in another order (per device, per tile): ~1e-7 relative to the largest terms of each sum, so
+      # the tolerance scales with the result's magnitude (entries near zero carry their neighbours' error).
+      np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6 * max(1.0, float(np.abs(r).max())), err_msg=impl)
 
 
 def test_kernel_warps_grow_with_rows_wider_than_a_tile():
@@ -307,7 +309,9 @@ def test_kernel_group_under_a_mesh_matches_vanilla():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
       got = loss(impl)(jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH))), gs, ws)
     for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-      np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6, err_msg=impl)
+      # float32 sums in another order (per device, per tile): ~1e-7 relative to the largest terms of each sum, so
+      # the tolerance scales with the result's magnitude (entries near zero carry their neighbours' error).
+      np.testing.assert_allclose(k, r, rtol=2e-5, atol=2e-6 * max(1.0, float(np.abs(r).max())), err_msg=impl)
 
 
 def test_params_module_makes_the_layers_tree():
