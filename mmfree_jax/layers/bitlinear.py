@@ -257,11 +257,10 @@ class BitLinear(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, xhat=None):
-    """`xhat`: see `bitlinear` (the shared normalization of an input read by several BitLinears)."""
+  def __call__(self, x):
+    """BitLinears that share an input: `BitLinearParams` and `bitlinear_group`."""
     norm_scale, kernel = _declare_params(self, x.shape[-1])
-    return checkpoint_name(bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl,
-                                    xhat=xhat), "proj")
+    return checkpoint_name(bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl), "proj")
 
 
 def _declare_params(module, d_in: int):

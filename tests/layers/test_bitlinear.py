@@ -273,21 +273,23 @@ def test_kernel_group_bfloat16_matches_separate_kernels():
   gs = [jnp.asarray(rng.uniform(0.5, 1.5, 352), jnp.float32) for _ in range(3)]
   ws = [jnp.asarray(rng.normal(size=(352, 40)) * 0.02, jnp.float32) for _ in range(3)]
   cot = [jnp.asarray(rng.normal(size=(2, 8, 40)), jnp.bfloat16) for _ in range(3)]
-  for impl in ("pallas_fused",):  # both kernels, through the recomputing VJP (pallas' group: the float64 test)
-    def loss(x, gs, ws, group, impl=impl):
-      outs = (bl.bitlinear_group(x, gs, ws, impl=impl) if group else
-              [bl.bitlinear(x, g, w, impl=impl) for g, w in zip(gs, ws)])
-      return sum(jnp.sum((c * o).astype(jnp.float32)) for c, o in zip(cot, outs)), outs
 
-    grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
-    (_, ref_outs), ref = grads(x, gs, ws, False)
-    (_, outs), got = grads(x, gs, ws, True)
-    for r, k in zip(ref_outs, outs):
-      np.testing.assert_array_equal(np.asarray(k, np.float32), np.asarray(r, np.float32))
-    # Gradients: a few bf16 ulps of each result's scale (the summation order of the input's cotangent).
-    for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-      r, k = np.asarray(r, np.float32), np.asarray(k, np.float32)
-      np.testing.assert_allclose(k, r, rtol=0, atol=4 * 2 ** -8 * np.abs(r).max(), err_msg=impl)
+  # pallas_fused runs both kernels (the forward one twice) through the recomputing VJP; the pallas group is in
+  # the float64 test above.
+  def loss(x, gs, ws, group):
+    outs = (bl.bitlinear_group(x, gs, ws, impl="pallas_fused") if group else
+            [bl.bitlinear(x, g, w, impl="pallas_fused") for g, w in zip(gs, ws)])
+    return sum(jnp.sum((c * o).astype(jnp.float32)) for c, o in zip(cot, outs)), outs
+
+  grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+  (_, ref_outs), ref = grads(x, gs, ws, False)
+  (_, outs), got = grads(x, gs, ws, True)
+  for r, k in zip(ref_outs, outs):
+    np.testing.assert_array_equal(np.asarray(k, np.float32), np.asarray(r, np.float32))
+  # Gradients: a few bf16 ulps of each result's scale (the summation order of the input's cotangent).
+  for r, k in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    r, k = np.asarray(r, np.float32), np.asarray(k, np.float32)
+    np.testing.assert_allclose(k, r, rtol=0, atol=4 * 2 ** -8 * np.abs(r).max())
 
 
 def test_kernel_group_under_a_mesh_matches_vanilla():
