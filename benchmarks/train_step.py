@@ -84,6 +84,7 @@ def run(config, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
       "arch": config.model.arch, "params": counts["params"], "batch": batch, "seq_len": seq_len,
       "grad_accum": accum, "remat": config.model.remat, "bitlinear": config.model.bitlinear,
       "scan_impl": config.model.scan_impl, "dtype": config.model.dtype,
+      "unroll_layers": config.model.unroll_layers, "quantize_weights_once": config.model.quantize_weights_once,
       "mesh": dict(mesh.shape), "tokens_per_s": round(tokens_per_s, 1),
       "tokens_per_s_per_device": round(tokens_per_s / ndev, 1), "step_ms": round(step_s * 1e3, 2),
       "step_ms_min": round(min(times) * 1e3, 2), "step_ms_max": round(max(times) * 1e3, 2),

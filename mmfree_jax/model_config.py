@@ -30,6 +30,7 @@ class ModelConfig:
   scan_impl: str = "auto"
   scan_chunk: int = 128
   bitlinear: str = "vanilla"
+  quantize_weights_once: bool = False  # MatMul-free: the layer stack's weights quantized once per forward pass
   attention_impl: str = "xla"
   remat: str = "full"
   unroll_layers: int = 1  # layers per iteration of the layer loop (nn.scan's unroll; n_layers: no loop)
@@ -41,6 +42,9 @@ class ModelConfig:
         (self.arch in ARCHS, f"model.arch={self.arch!r}: expected one of {ARCHS}"),
         (self.scan_impl in recurrence.IMPLS, f"model.scan_impl={self.scan_impl!r}: expected one of {recurrence.IMPLS}"),
         (self.bitlinear in bitlinear.IMPLS, f"model.bitlinear={self.bitlinear!r}: expected one of {bitlinear.IMPLS}"),
+        (not self.quantize_weights_once or self.arch != "hgrn_bit" or self.bitlinear in bitlinear.PREQUANTIZED_IMPLS,
+         f"model.quantize_weights_once needs model.bitlinear in {bitlinear.PREQUANTIZED_IMPLS}, not "
+         f"{self.bitlinear!r} (it quantizes its own weight)"),
         (self.remat in REMAT, f"model.remat={self.remat!r}: expected one of {REMAT}"),
         (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}: expected xla or cudnn"),
         (min(self.vocab_size, self.d_model, self.n_layers, self.scan_chunk) > 0, "model sizes must be positive"),

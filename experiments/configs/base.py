@@ -43,6 +43,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.scan_chunk = 128  # chunk length of the chunked scan
   # vanilla (autodiff) | fused (recompute norm + quantization) | int8 | pallas | pallas_fused | auto
   m.bitlinear = "vanilla"
+  # MatMul-free: quantize every layer's weights once per forward pass, before the layer loop (not per use; the same
+  # values; needs bitlinear vanilla / pallas / pallas_fused / auto)
+  m.quantize_weights_once = False
   m.attention_impl = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   m.remat = "full"  # none | full | save_dots | save_proj (policy of nn.remat around each block)
   m.unroll_layers = 1  # layers per iteration of the layer loop (n_layers: unrolled, no loop; longer compile)

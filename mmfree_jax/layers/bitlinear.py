@@ -24,6 +24,12 @@ The implementations (`impl`), identical in value:
            parameters; its backward reruns the forward kernel for y_q (one read of x) and requantizes the weight,
            so neither y_q nor the bf16 ternary weight stays live between the passes, under any remat policy.
   auto     pallas on GPUs, vanilla elsewhere.
+
+Weights quantized once (`prequantized=True`; the MatMul-free LM's `model.quantize_weights_once`): the caller passes
+the kernel already in its forward value `ternary_weight(kernel)` (compute dtype), computed once for the whole
+layer stack before the layer loop (`quantize_stacked`), and the layer skips its own weight quantizer. The same
+values as quantizing per use under vanilla / pallas / pallas_fused; the gradient reaches the latent float32
+kernel through `ternary_weight`'s straight-through estimator.
 """
 
 import functools
@@ -54,11 +60,47 @@ def quantize_activations(y):
   return q, 1.0 / scale
 
 
-def quantize_weight(w):
-  """Per-matrix absmean ternary quantization: (q in {-1, 0, 1} in w's accum dtype, 1/s_w scalar)."""
+def quantize_weight(w, batch_dims: int = 0):
+  """Per-matrix absmean ternary quantization: (q in {-1, 0, 1} in w's accum dtype, 1/s_w).
+
+  1/s_w is a scalar; with `batch_dims > 0`, `w` is a stack of matrices (its first `batch_dims` axes index them)
+  and 1/s_w has one value per matrix, shaped to broadcast against `w`.
+  """
   w = w.astype(dtypes.accum(w.dtype))
-  scale = 1.0 / jnp.maximum(jnp.mean(jnp.abs(w)), SCALE_FLOOR)
+  mean = jnp.mean(jnp.abs(w), axis=tuple(range(batch_dims, w.ndim)), keepdims=batch_dims > 0)
+  scale = 1.0 / jnp.maximum(mean, SCALE_FLOOR)
   return jnp.clip(jnp.round(w * scale), -1, 1), 1.0 / scale
+
+
+def ternary_weight(w, dtype, batch_dims: int = 0):
+  """The straight-through ternary weight `w + stop_gradient(W_q - w)` in `dtype`, the product's operand.
+
+  Its value is W_q (up to that sum's rounding, which every impl shares); its gradient passes to `w` unchanged.
+  `batch_dims`: as in `quantize_weight` (one scale per stacked matrix).
+  """
+  w32 = w.astype(dtypes.accum(w.dtype))
+  qw, inv_sw = quantize_weight(w32, batch_dims)
+  return (w32 + lax.stop_gradient(qw * inv_sw - w32)).astype(dtype)
+
+
+def quantize_stacked(tree, dtype):
+  """`tree` (a layer stack's variables, every leaf stacked on a leading layers axis) with each BitLinear kernel
+  (a `kernel` next to a `norm_scale`) replaced by `ternary_weight(kernel, dtype, batch_dims=1)`: the weights of
+  all layers quantized at once, for BitLinears called with `prequantized=True`. Boxed leaves stay boxed."""
+  def weight(k):
+    if isinstance(k, nn.meta.AxisMetadata):
+      return k.replace_boxed(weight(k.unbox()))
+    return ternary_weight(k, dtype, batch_dims=1)
+
+  def visit(node):
+    if not isinstance(node, dict):
+      return node
+    out = {key: visit(value) for key, value in node.items()}
+    if "kernel" in node and "norm_scale" in node and not isinstance(node["kernel"], dict):
+      out["kernel"] = weight(node["kernel"])
+    return out
+
+  return visit(tree)
 
 
 def _normalize(x, g, eps):
@@ -123,21 +165,19 @@ def _quantized_input_xla(x, g, eps, xhat=None):
   return y + lax.stop_gradient(qx * inv_sx - y)
 
 
-def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False):
+def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False, prequantized=False):
   if use_kernel:
     y_q = _kernel().quantized_input(x, g, eps)
   else:
     y_q = _quantized_input_xla(x, g, eps, xhat)
-  return _ste_product(x, y_q, w)
+  return _ste_product(x, y_q, w, prequantized)
 
 
-def _ste_product(x, y_q, w):
+def _ste_product(x, y_q, w, prequantized=False):
   """`y_q @ W_q` in x's dtype, straight through the weight quantizer (autodiff)."""
-  w32 = w.astype(dtypes.accum(w.dtype))
-  qw, inv_sw = quantize_weight(w32)
-  w_q = w32 + lax.stop_gradient(qw * inv_sw - w32)
+  w_q = w.astype(x.dtype) if prequantized else ternary_weight(w, x.dtype)
   # Product in the compute dtype: a float32 result would make the backward GEMMs float32 (see layers.dense).
-  return _matmul(y_q.astype(x.dtype), w_q.astype(x.dtype), x.dtype)
+  return _matmul(y_q.astype(x.dtype), w_q, x.dtype)
 
 
 def _kernel():
@@ -145,25 +185,24 @@ def _kernel():
   return bitlinear_kernel
 
 
-def _ternary_bf16(w, dtype):
-  """The forward value of vanilla's straight-through weight, `w + stop_gradient(W_q - w)`, in `dtype`."""
-  w32 = w.astype(dtypes.accum(w.dtype))
-  qw, inv_sw = quantize_weight(w32)
-  return (w32 + (qw * inv_sw - w32)).astype(dtype)
+def _weight_operand(w, dtype, prequantized):
+  """The product's weight operand: W_q in `dtype` (the forward value of `ternary_weight`)."""
+  return w.astype(dtype) if prequantized else ternary_weight(w, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kernel_recompute(x, gs, ws, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_recompute(x, gs, ws, eps, prequantized):
   """pallas_fused for n BitLinears reading x: norm scales `gs [n, K]`, kernels `ws` (a tuple of n `[K, N_j]`)."""
-  return _kernel_recompute_fwd(x, gs, ws, eps)[0]
+  return _kernel_recompute_fwd(x, gs, ws, eps, prequantized)[0]
 
 
-def _kernel_recompute_fwd(x, gs, ws, eps):
+def _kernel_recompute_fwd(x, gs, ws, eps, prequantized):
   y_qs = _kernel().quantized_inputs(x, gs, eps)
-  return tuple(_matmul(y, _ternary_bf16(w, x.dtype), x.dtype) for y, w in zip(y_qs, ws)), (x, gs, ws)
+  outs = tuple(_matmul(y, _weight_operand(w, x.dtype, prequantized), x.dtype) for y, w in zip(y_qs, ws))
+  return outs, (x, gs, ws)
 
 
-def _kernel_recompute_bwd(eps, res, douts):
+def _kernel_recompute_bwd(eps, prequantized, res, douts):
   # The barrier makes the recomputation's operands new values that depend on the cotangents: XLA can then
   # neither merge the forward kernel below with the forward pass's (CSE, which would keep y_q live after all)
   # nor run it early.
@@ -173,7 +212,7 @@ def _kernel_recompute_bwd(eps, res, douts):
   y_qs, input_vjp = jax.vjp(lambda x_, g_: _kernel().quantized_inputs(x_, g_, eps), x, gs)
   dys, dws = [], []
   for y_q, w, dout in zip(y_qs, ws, douts):
-    _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, x.dtype), y_q, _ternary_bf16(w, x.dtype))
+    _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, x.dtype), y_q, _weight_operand(w, x.dtype, prequantized))
     dy, dw = product_vjp(dout)
     dys.append(dy)
     dws.append(dw.astype(w.dtype))  # straight through the weight quantizer
@@ -193,7 +232,17 @@ def resolve(impl: str) -> str:
   return impl
 
 
-def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", xhat=None):
+PREQUANTIZED_IMPLS = ("vanilla", "pallas", "pallas_fused", "auto")
+
+
+def _check_prequantized(impl: str, prequantized: bool):
+  if prequantized and impl not in PREQUANTIZED_IMPLS:
+    raise ValueError(f"BitLinear impl {impl!r} quantizes its own weight (its product uses the integer codes); "
+                     f"weights quantized once need one of {PREQUANTIZED_IMPLS}")
+
+
+def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", xhat=None,
+              prequantized: bool = False):
   """BitLinear of `x[..., in]` with RMSNorm scale `norm_scale[in]` and latent weight `kernel[in, *out]`.
 
   `x` is in the compute dtype; the output `[..., *out]` has the same dtype. A kernel with several output axes
@@ -202,36 +251,42 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   (the MLGRU's f/i/g): autodiff then sums their cotangents and runs the normalization's backward once. The
   same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves, and the
   `pallas` ones read `x` in their kernel).
+  `prequantized`: `kernel` is already `ternary_weight(latent kernel)` (module docstring).
   """
+  _check_prequantized(impl, prequantized)
   impl = resolve(impl)
   out_shape = kernel.shape[1:]
   kernel = kernel.reshape(kernel.shape[0], -1)
   if impl in ("vanilla", "pallas"):
-    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas")
+    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas", prequantized=prequantized)
   elif impl == "pallas_fused":
-    out = _kernel_recompute(x, norm_scale[None], (kernel,), eps)[0]
+    out = _kernel_recompute(x, norm_scale[None], (kernel,), eps, prequantized)[0]
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)
 
 
-def bitlinear_group(x, norm_scales, kernels, *, eps: float = 1e-6, impl: str = "fused") -> tuple:
+def bitlinear_group(x, norm_scales, kernels, *, eps: float = 1e-6, impl: str = "fused",
+                    prequantized: bool = False) -> tuple:
   """BitLinears that read the same `x [..., in]` (the MLGRU's f/i/g), each with its own norm scale `[in]` and
   kernel `[in, *out_j]`: `tuple(bitlinear(x, g, w) for g, w in ...)`, the same values. The kernel impls make one
   launch per direction for all of them (one read of x); vanilla normalizes x once (`xhat`)."""
   if len(norm_scales) != len(kernels) or not kernels:
     raise ValueError(f"bitlinear_group: one norm scale per kernel expected; got {len(norm_scales)} norm scales "
                      f"and {len(kernels)} kernels")
+  _check_prequantized(impl, prequantized)
   impl = resolve(impl)
   if impl not in ("pallas", "pallas_fused"):
     xhat = rms_normalize(x, eps) if impl == "vanilla" else None
-    return tuple(bitlinear(x, g, w, eps=eps, impl=impl, xhat=xhat) for g, w in zip(norm_scales, kernels))
+    return tuple(bitlinear(x, g, w, eps=eps, impl=impl, xhat=xhat, prequantized=prequantized)
+                 for g, w in zip(norm_scales, kernels))
   flat = tuple(w.reshape(w.shape[0], -1) for w in kernels)
   gs = jnp.stack(norm_scales)
   if impl == "pallas":
-    outs = tuple(_ste_product(x, y_q, w) for y_q, w in zip(_kernel().quantized_inputs(x, gs, eps), flat))
+    outs = tuple(_ste_product(x, y_q, w, prequantized)
+                 for y_q, w in zip(_kernel().quantized_inputs(x, gs, eps), flat))
   else:
-    outs = _kernel_recompute(x, gs, flat, eps)
+    outs = _kernel_recompute(x, gs, flat, eps, prequantized)
   return tuple(o.reshape(*o.shape[:-1], *w.shape[1:]) for o, w in zip(outs, kernels))
 
 
@@ -255,12 +310,15 @@ class BitLinear(nn.Module):
   impl: str = "fused"
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
+  prequantized: bool = False  # the kernel arrives as `ternary_weight(kernel)` (`quantize_stacked`)
 
   @nn.compact
   def __call__(self, x):
     """BitLinears that share an input: `BitLinearParams` and `bitlinear_group`."""
     norm_scale, kernel = _declare_params(self, x.shape[-1])
-    return checkpoint_name(bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl), "proj")
+    out = bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl,
+                    prequantized=self.prequantized)
+    return checkpoint_name(out, "proj")
 
 
 def _declare_params(module, d_in: int):

@@ -47,7 +47,8 @@ class BitGLU(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    kw = dict(eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    kw = dict(eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+              prequantized=cfg.quantize_weights_once)
     gu = BitLinear((2, cfg.ff), axes=("embed", None, "mlp"), kernel_init=nn.initializers.normal(0.02),
                    name="gate_proj", **kw)(x_BTD)
     h = nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp"))

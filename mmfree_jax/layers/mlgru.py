@@ -33,7 +33,8 @@ class MLGRU(nn.Module):
                               param_dtype=cfg.weight_dtype, name=name)(x_BTD.shape[-1])
               for name in ("f_proj", "i_proj", "g_proj")]
     f, i, g = (checkpoint_name(v, "proj") for v in bitlinear_group(
-        x_BTD.astype(cfg.compute_dtype), *zip(*params), eps=cfg.norm_eps, impl=cfg.bitlinear))
+        x_BTD.astype(cfg.compute_dtype), *zip(*params), eps=cfg.norm_eps, impl=cfg.bitlinear,
+        prequantized=cfg.quantize_weights_once))
     f = jax.nn.sigmoid(f.astype(acc))
     lb = lower_bound_D.astype(acc)
     f = lb + (1.0 - lb) * f
@@ -44,5 +45,6 @@ class MLGRU(nn.Module):
     g = RMSNorm(cfg.norm_eps, dtype=acc, param_dtype=cfg.weight_dtype, axis_name="heads", name="g_norm")(g)
     o = (g * jax.nn.silu(h.astype(acc))).astype(cfg.compute_dtype)
     o_proj = BitLinear(cfg.d_model, axes=("heads", "embed"), kernel_init=PROJ_INIT, eps=cfg.norm_eps,
-                       impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="o_proj")
+                       impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                       prequantized=cfg.quantize_weights_once, name="o_proj")
     return o_proj(o), h_last

@@ -36,16 +36,21 @@ REMAT_POLICIES = {
 }
 
 
-def scanned(block_cls: type[nn.Module], cfg: ModelConfig, in_axes, name: str) -> nn.Module:
+def scanned(block_cls: type[nn.Module], cfg: ModelConfig, in_axes, name: str, params_view=None) -> nn.Module:
   """`cfg.n_layers` copies of `block_cls(cfg)`, parameters stacked on a leading `layers` axis.
 
   The block is called as `block(carry, *xs)` and returns `(carry, ys)`; `in_axes` says which of `xs` are
   per-layer (0) and which are shared by all layers (`nn.broadcast`). `cfg.unroll_layers` blocks run per loop
   iteration (the parameters stay stacked either way, so checkpoints do not depend on it).
+  `params_view`, optional: a function of the stack's variables (`{"params": {...}}`, stacked) applied once
+  before the loop (`nn.map_variables`), so that the blocks see its result; differentiable. Pass None at init.
   """
   block = block_cls
   if cfg.remat != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                 length=cfg.n_layers, unroll=min(cfg.unroll_layers, cfg.n_layers),
-                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+  stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                  length=cfg.n_layers, unroll=min(cfg.unroll_layers, cfg.n_layers),
+                  metadata_params={nn.PARTITION_NAME: "layers"})
+  if params_view is not None:
+    stack = nn.map_variables(stack, "params", trans_in_fn=params_view)
+  return stack(cfg, name=name)

@@ -1,5 +1,6 @@
 """BitLinear: quantizers on hand-built cases, STE gradients, fused == vanilla, int8 accumulators, residuals."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import print_saved_residuals
@@ -325,3 +326,21 @@ def test_params_module_makes_the_layers_tree():
   assert jax.tree.structure(layer) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_quantize_stacked_one_scale_per_layer_matrix():
+  """`quantize_stacked`: each BitLinear kernel of a layer stack (a `kernel` beside a `norm_scale`) becomes the
+  per-layer `ternary_weight`, with the layer's own absmean scale; other leaves pass through, boxes stay boxed."""
+  rng = np.random.default_rng()
+  w = jnp.asarray(rng.normal(size=(3, 8, 2, 5)) * np.array([0.1, 1.0, 10.0])[:, None, None, None], jnp.float32)
+  tree = {"params": {"mlp": {"gate_proj": {"kernel": nn.Partitioned(w, ("layers", "embed", None, "mlp")),
+                                           "norm_scale": jnp.ones((3, 8))}},
+                     "norm": {"scale": jnp.ones((3, 8))}, "other": {"kernel": w}}}
+  out = bl.quantize_stacked(tree, jnp.bfloat16)
+  got = out["params"]["mlp"]["gate_proj"]["kernel"]
+  assert isinstance(got, nn.Partitioned) and got.names == ("layers", "embed", None, "mlp")
+  assert got.value.dtype == jnp.bfloat16
+  for layer in range(3):
+    np.testing.assert_array_equal(got.value[layer], bl.ternary_weight(w[layer], jnp.bfloat16))
+    assert len(np.unique(np.abs(np.asarray(got.value[layer], np.float32)))) == 2  # {0, 1/s_w} for this layer
+  assert out["params"]["other"]["kernel"] is w and out["params"]["norm"]["scale"] is tree["params"]["norm"]["scale"]

@@ -14,7 +14,7 @@ TINY = dict(arch="hgrn_bit", vocab_size=97, d_model=32, n_layers=3, d_ff=64, rem
 
 def _perturbed_params(model, tokens, seed=0):
   """Init, then perturb every norm scale and the lower bounds so that nothing sits at its init value."""
-  params = nn.unbox(model.init(jax.random.key(seed), tokens))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens))
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   leaves = [v + 0.3 * jax.random.normal(k, v.shape, v.dtype) if v.ndim <= 2 and v.shape[-1] <= 64 and v.ndim
@@ -52,6 +52,47 @@ def test_kernel_paths_gradients_equal_vanilla_float64(x64):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-11)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11 * max(1.0, float(np.abs(b).max())), err_msg=impl)
+
+
+def test_weights_quantized_once_same_loss_and_gradients_float64(x64):
+  """`quantize_weights_once` (every layer's weights quantized before the layer loop, `bitlinear.quantize_stacked`):
+  the same parameter tree at init, and the same loss and gradients as quantizing per use, in float64, with the
+  vanilla layers and with the recomputing kernel path (interpret mode; it equals vanilla per use, test above)."""
+  tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
+  cfg = dict(TINY, dtype="float64", param_dtype="float64", bitlinear="vanilla")
+  per_use, once = build_model(cfg), build_model(dict(cfg, quantize_weights_once=True))
+  init_once, init_per_use = (nn.unbox(jax.jit(m.init)(jax.random.key(0), tokens)) for m in (once, per_use))
+  assert jax.tree.structure(init_once) == jax.tree.structure(init_per_use)
+  for a, b in zip(jax.tree.leaves(init_once), jax.tree.leaves(init_per_use)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  params = _perturbed_params(per_use, tokens)
+
+  def grads(model):
+    loss = lambda p: jnp.sum(jax.nn.log_softmax(model.apply(p, tokens))[..., 0])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  ref_loss, ref = grads(per_use)
+  for model in (once, build_model(dict(cfg, bitlinear="pallas_fused", quantize_weights_once=True))):
+    loss, got = grads(model)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      assert a.dtype == b.dtype
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13 * max(1.0, float(np.abs(b).max())))
+
+
+def test_weights_quantized_once_bfloat16_logits_equal():
+  """In the training dtypes (float32 weights, bfloat16 compute) the logits equal per-use quantization's exactly."""
+  tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
+  cfg = dict(TINY, dtype="bfloat16", bitlinear="vanilla")
+  per_use, once = build_model(cfg), build_model(dict(cfg, quantize_weights_once=True))
+  params = _perturbed_params(per_use, tokens, seed=np.random.randint(1 << 20))
+  np.testing.assert_array_equal(jax.jit(once.apply)(params, tokens), jax.jit(per_use.apply)(params, tokens))
+
+
+def test_weights_quantized_once_needs_an_impl_that_takes_them():
+  with pytest.raises(ValueError, match="quantize_weights_once needs model.bitlinear"):
+    build_model(dict(TINY, bitlinear="fused", quantize_weights_once=True))
 
 
 @pytest.mark.parametrize("arch", ["hgrn_bit", "transformer"])
