@@ -165,9 +165,9 @@ def _quantized_input_xla(x, g, eps, xhat=None):
   return y + lax.stop_gradient(qx * inv_sx - y)
 
 
-def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False, prequantized=False):
+def _bitlinear_vanilla(x, g, w, eps, xhat=None, use_kernel=False, prequantized=False, glu=False):
   if use_kernel:
-    y_q = _kernel().quantized_input(x, g, eps)
+    y_q = _kernel().quantized_inputs(x, g[None], eps, glu)[0]
   else:
     y_q = _quantized_input_xla(x, g, eps, xhat)
   return _ste_product(x, y_q, w, prequantized)
@@ -190,26 +190,26 @@ def _weight_operand(w, dtype, prequantized):
   return w.astype(dtype) if prequantized else ternary_weight(w, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _kernel_recompute(x, gs, ws, eps, prequantized):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_recompute(x, gs, ws, eps, prequantized, glu=False):
   """pallas_fused for n BitLinears reading x: norm scales `gs [n, K]`, kernels `ws` (a tuple of n `[K, N_j]`)."""
-  return _kernel_recompute_fwd(x, gs, ws, eps, prequantized)[0]
+  return _kernel_recompute_fwd(x, gs, ws, eps, prequantized, glu)[0]
 
 
-def _kernel_recompute_fwd(x, gs, ws, eps, prequantized):
-  y_qs = _kernel().quantized_inputs(x, gs, eps)
+def _kernel_recompute_fwd(x, gs, ws, eps, prequantized, glu=False):
+  y_qs = _kernel().quantized_inputs(x, gs, eps, glu)
   outs = tuple(_matmul(y, _weight_operand(w, x.dtype, prequantized), x.dtype) for y, w in zip(y_qs, ws))
   return outs, (x, gs, ws)
 
 
-def _kernel_recompute_bwd(eps, prequantized, res, douts):
+def _kernel_recompute_bwd(eps, prequantized, glu, res, douts):
   # The barrier makes the recomputation's operands new values that depend on the cotangents: XLA can then
   # neither merge the forward kernel below with the forward pass's (CSE, which would keep y_q live after all)
   # nor run it early.
   (x, gs, ws), douts = lax.optimization_barrier((res, douts))
   # The forward kernel again (y_q), then each product's two GEMMs, then the backward kernel (straight through
   # the activation quantizer): what autodiff of the pallas impl runs, from the input alone.
-  y_qs, input_vjp = jax.vjp(lambda x_, g_: _kernel().quantized_inputs(x_, g_, eps), x, gs)
+  y_qs, input_vjp = jax.vjp(lambda x_, g_: _kernel().quantized_inputs(x_, g_, eps, glu), x, gs)
   dys, dws = [], []
   for y_q, w, dout in zip(y_qs, ws, douts):
     _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, x.dtype), y_q, _weight_operand(w, x.dtype, prequantized))
@@ -233,6 +233,7 @@ def resolve(impl: str) -> str:
 
 
 PREQUANTIZED_IMPLS = ("vanilla", "pallas", "pallas_fused", "auto")
+KERNEL_IMPLS = ("pallas", "pallas_fused")  # the activation path in a kernel (`bitlinear_kernel`)
 
 
 def _check_prequantized(impl: str, prequantized: bool):
@@ -242,7 +243,7 @@ def _check_prequantized(impl: str, prequantized: bool):
 
 
 def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", xhat=None,
-              prequantized: bool = False):
+              prequantized: bool = False, glu_input: bool = False):
   """BitLinear of `x[..., in]` with RMSNorm scale `norm_scale[in]` and latent weight `kernel[in, *out]`.
 
   `x` is in the compute dtype; the output `[..., *out]` has the same dtype. A kernel with several output axes
@@ -252,15 +253,20 @@ def bitlinear(x, norm_scale, kernel, *, eps: float = 1e-6, impl: str = "fused", 
   same values; used by `vanilla` only (the recomputing impls save and renormalize `x` themselves, and the
   `pallas` ones read `x` in their kernel).
   `prequantized`: `kernel` is already `ternary_weight(latent kernel)` (module docstring).
+  `glu_input`: `x [..., 2, in]` is a GLU's gate/up projection and the layer's input is `glu.swiglu(x)`, computed
+  inside the activation kernel (the kernel impls only: `pallas`, `pallas_fused`).
   """
   _check_prequantized(impl, prequantized)
   impl = resolve(impl)
+  if glu_input and impl not in KERNEL_IMPLS:
+    raise ValueError(f"BitLinear glu_input needs a kernel impl {KERNEL_IMPLS}, not {impl!r}")
   out_shape = kernel.shape[1:]
   kernel = kernel.reshape(kernel.shape[0], -1)
   if impl in ("vanilla", "pallas"):
-    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas", prequantized=prequantized)
+    out = _bitlinear_vanilla(x, norm_scale, kernel, eps, xhat, use_kernel=impl == "pallas", prequantized=prequantized,
+                             glu=glu_input)
   elif impl == "pallas_fused":
-    out = _kernel_recompute(x, norm_scale[None], (kernel,), eps, prequantized)[0]
+    out = _kernel_recompute(x, norm_scale[None], (kernel,), eps, prequantized, glu_input)[0]
   else:
     out = _bitlinear_recompute(x, norm_scale, kernel, eps, impl)
   return out.reshape(*out.shape[:-1], *out_shape)
@@ -311,13 +317,14 @@ class BitLinear(nn.Module):
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
   prequantized: bool = False  # the kernel arrives as `ternary_weight(kernel)` (`quantize_stacked`)
+  glu_input: bool = False  # x is [..., 2, in] and the input is swiglu(x), in the kernel (`bitlinear`)
 
   @nn.compact
   def __call__(self, x):
     """BitLinears that share an input: `BitLinearParams` and `bitlinear_group`."""
     norm_scale, kernel = _declare_params(self, x.shape[-1])
     out = bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl,
-                    prequantized=self.prequantized)
+                    prequantized=self.prequantized, glu_input=self.glu_input)
     return checkpoint_name(out, "proj")
 
 

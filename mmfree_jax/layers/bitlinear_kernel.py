@@ -68,9 +68,26 @@ def _walk_tiles(n_rows, k, visit, init):
   return lax.fori_loop(0, per_prog // step, lambda c, carry: visit(carry, first + c * step, step), init)
 
 
-def _load(ref, r0, rows, pieces):
-  """A [rows, K] tile as [rows, n] pieces in the accumulation dtype."""
-  return [ref[pl.ds(r0, rows), pl.ds(o, n)].astype(dtypes.accum(ref.dtype)) for o, n in pieces]
+def _load(ref, r0, rows, pieces, offset=0):
+  """A [rows, K] tile (columns from `offset`) as [rows, n] pieces in the accumulation dtype."""
+  return [ref[pl.ds(r0, rows), pl.ds(offset + o, n)].astype(dtypes.accum(ref.dtype)) for o, n in pieces]
+
+
+def _sigmoid(v):
+  return 1.0 / (1.0 + jnp.exp(-v))
+
+
+def _layer_input(x_ref, r0, rows, pieces, k, glu):
+  """(the layer input's tile as pieces in the accumulation dtype, (gate, up) pieces or None).
+
+  With `glu`, a row of `x_ref` is [gate (K), up (K)] and the input is `swiglu`'s h = silu(gate) * up, rounded to
+  x's dtype as `swiglu` returns it (`layers.glu`)."""
+  if not glu:
+    return _load(x_ref, r0, rows, pieces), None
+  gate, up = _load(x_ref, r0, rows, pieces), _load(x_ref, r0, rows, pieces, k)
+  acc = dtypes.accum(x_ref.dtype)
+  h = [(a * _sigmoid(a) * b).astype(x_ref.dtype).astype(acc) for a, b in zip(gate, up)]
+  return h, (gate, up)
 
 
 def _row_sum(vs):
@@ -88,13 +105,14 @@ def _scales(g_ref, pieces):
   return [[g_ref[j, pl.ds(o, m)] for o, m in pieces] for j in range(g_ref.shape[0])]
 
 
-def _forward_kernel(x_ref, g_ref, *o_refs, eps):
-  n_rows, k = x_ref.shape
+def _forward_kernel(x_ref, g_ref, *o_refs, eps, glu):
+  n_rows, width = x_ref.shape
+  k = g_ref.shape[1]
   pieces = _pieces(k)
   gs = _scales(g_ref, pieces)
 
   def visit(carry, r0, rows):
-    xhat, _ = _stats(_load(x_ref, r0, rows, pieces), k, eps)
+    xhat, _ = _stats(_layer_input(x_ref, r0, rows, pieces, k, glu)[0], k, eps)
     for g, o_ref in zip(gs, o_refs):  # one normalization, one quantized input per norm scale
       y = [v * w[None] for v, w in zip(xhat, g)]
       amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1, keepdims=True) for v in y])
@@ -104,17 +122,19 @@ def _forward_kernel(x_ref, g_ref, *o_refs, eps):
         o_ref[pl.ds(r0, rows), pl.ds(o, m)] = (q * (1.0 / scale)).astype(o_ref.dtype)
     return carry
 
-  _walk_tiles(n_rows, k, visit, 0)
+  _walk_tiles(n_rows, width, visit, 0)
 
 
-def _backward_kernel(x_ref, g_ref, *refs, eps):
+def _backward_kernel(x_ref, g_ref, *refs, eps, glu):
   *dy_refs, dx_ref, dg_ref = refs
-  n_rows, k = x_ref.shape
+  n_rows, width = x_ref.shape
+  k = g_ref.shape[1]
   pieces = _pieces(k)
   gs = _scales(g_ref, pieces)
 
   def visit(dgs, r0, rows):
-    xhat, rstd = _stats(_load(x_ref, r0, rows, pieces), k, eps)
+    h, gate_up = _layer_input(x_ref, r0, rows, pieces, k, glu)
+    xhat, rstd = _stats(h, k, eps)
     dxhat, out = None, []
     for g, dy_ref, dg in zip(gs, dy_refs, dgs):  # the cotangents of xhat add up over the norm scales
       dy = _load(dy_ref, r0, rows, pieces)
@@ -122,12 +142,20 @@ def _backward_kernel(x_ref, g_ref, *refs, eps):
       dxhat = d if dxhat is None else [a + b for a, b in zip(dxhat, d)]
       out.append([a + jnp.sum(u * v, axis=0) for a, u, v in zip(dg, dy, xhat)])
     mean = _row_sum([d * v for d, v in zip(dxhat, xhat)]) / k
-    for (o, m), d, v in zip(pieces, dxhat, xhat):
-      dx_ref[pl.ds(r0, rows), pl.ds(o, m)] = (rstd * (d - v * mean)).astype(dx_ref.dtype)
+    for i, ((o, m), d, v) in enumerate(zip(pieces, dxhat, xhat)):
+      dx = (rstd * (d - v * mean)).astype(dx_ref.dtype)
+      if not glu:
+        dx_ref[pl.ds(r0, rows), pl.ds(o, m)] = dx
+        continue
+      # swiglu's backward (`layers.glu`) from the rounded cotangent of h: gate's and up's cotangents.
+      gate, up = gate_up[0][i], gate_up[1][i]
+      dh, sig = dx.astype(gate.dtype), _sigmoid(gate)
+      dx_ref[pl.ds(r0, rows), pl.ds(o, m)] = (dh * up * (sig * (1.0 + gate * (1.0 - sig)))).astype(dx_ref.dtype)
+      dx_ref[pl.ds(r0, rows), pl.ds(k + o, m)] = (dh * (gate * sig)).astype(dx_ref.dtype)
     return out
 
   zeros = [[jnp.zeros((m,), g_ref.dtype) for _, m in pieces] for _ in dy_refs]
-  dgs = _walk_tiles(n_rows, k, visit, zeros)
+  dgs = _walk_tiles(n_rows, width, visit, zeros)
   for j, dg in enumerate(dgs):
     for (o, m), v in zip(pieces, dg):
       dg_ref[pl.program_id(0), j, pl.ds(o, m)] = v
@@ -152,50 +180,56 @@ def _launch(kernel, operands, out_shape, n_programs, num_warps):
   )(*operands)
 
 
-def _forward(x, gs, eps):
-  """The quantized inputs (a tuple, one per row of `gs [n, K]`) of rows `x [rows, K]`."""
-  out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for _ in range(gs.shape[0]))
-  return _launch(functools.partial(_forward_kernel, eps=eps), (x, gs.astype(dtypes.accum(x.dtype))), out,
+def _forward(x, gs, eps, glu):
+  """The quantized inputs (a tuple, one per row of `gs [n, K]`) of rows `x [rows, K]` (glu: `[rows, 2K]`)."""
+  out = tuple(jax.ShapeDtypeStruct((x.shape[0], gs.shape[1]), x.dtype) for _ in range(gs.shape[0]))
+  return _launch(functools.partial(_forward_kernel, eps=eps, glu=glu), (x, gs.astype(dtypes.accum(x.dtype))), out,
                  _geometry(*x.shape)[2], _num_warps(x.shape[1]))
 
 
-def _backward(x, gs, dys, eps):
+def _backward(x, gs, dys, eps, glu):
   n_prog = _geometry(*x.shape)[2]
   acc = dtypes.accum(x.dtype)
   shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n_prog, *gs.shape), acc))
-  dx, dg = _launch(functools.partial(_backward_kernel, eps=eps),
+  dx, dg = _launch(functools.partial(_backward_kernel, eps=eps, glu=glu),
                    (x, gs.astype(acc), *(dy.astype(x.dtype) for dy in dys)), shapes, n_prog,
                    _num_warps(x.shape[1], len(dys)))
   return dx, jnp.sum(dg, axis=0).astype(gs.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _quantized_inputs(x, gs, eps):
-  return _forward(x, gs, eps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _quantized_inputs(x, gs, eps, glu):
+  return _forward(x, gs, eps, glu)
 
 
-def _quantized_inputs_fwd(x, gs, eps):
-  return _forward(x, gs, eps), (x, gs)
+def _quantized_inputs_fwd(x, gs, eps, glu):
+  return _forward(x, gs, eps, glu), (x, gs)
 
 
-def _quantized_inputs_bwd(eps, res, dys):
+def _quantized_inputs_bwd(eps, glu, res, dys):
   x, gs = res
-  return _backward(x, gs, dys, eps)
+  return _backward(x, gs, dys, eps, glu)
 
 
 _quantized_inputs.defvjp(_quantized_inputs_fwd, _quantized_inputs_bwd)
 
 
-def quantized_inputs(x, gs, eps: float) -> tuple:
+def quantized_inputs(x, gs, eps: float, glu: bool = False) -> tuple:
   """The quantized inputs `y_q [..., K]` (x's dtype) of `x [..., K]`, one per norm scale `gs[j]` of `gs [n, K]`:
   the BitLinears that read the same input (the MLGRU's f/i/g) in one kernel launch per direction, reading `x`
-  once. Differentiable in x and gs (straight through the quantizer); see the module docstring."""
-  if gs.ndim != 2 or x.shape[-1] != gs.shape[-1]:
-    raise ValueError(f"bitlinear kernel: x [..., K] and norm scales [n, K] expected; got {x.shape} and {gs.shape}")
-  rows = x.reshape(-1, x.shape[-1])
-  fn = lambda r, g_: _quantized_inputs(r, g_, eps)
+  once. Differentiable in x and gs (straight through the quantizer); see the module docstring.
+
+  `glu`: `x [..., 2, K]` is the GLU's gate/up projection and the layer input is `glu.swiglu(x)` (the down
+  projection's), computed in the kernel: h is never written, and the backward returns x's cotangent directly.
+  """
+  k = gs.shape[-1]
+  if gs.ndim != 2 or x.shape[-1] != k or (glu and (x.ndim < 2 or x.shape[-2] != 2)):
+    want = "[..., 2, K]" if glu else "[..., K]"
+    raise ValueError(f"bitlinear kernel: x {want} and norm scales [n, K] expected; got {x.shape} and {gs.shape}")
+  rows = x.reshape(-1, 2 * k if glu else k)
+  fn = lambda r, g_: _quantized_inputs(r, g_, eps, glu)
   outs = pallas_util.per_device(fn, (ROW_AXES, (None, None)), (ROW_AXES,) * gs.shape[0])(rows, gs)
-  return tuple(o.reshape(x.shape) for o in outs)
+  return tuple(o.reshape(*x.shape[:x.ndim - 2 if glu else -1], k) for o in outs)
 
 
 def quantized_input(x, g, eps: float):

@@ -7,14 +7,18 @@ activation scale and one absmean weight scale, as the reference's `[2I, d]`; the
 `swiglu(gu) = silu(gate) * up` carries its own VJP: autodiff would transpose the two slices into zero-padded
 `[..., 2, I]` cotangents and add them; here the backward writes gate's and up's cotangents side by side in one
 pass (the same formulas: d_up = dh * silu(gate), d_gate = dh * up * s * (1 + gate * (1 - s)), s = sigmoid(gate)).
+With the BitLinear kernel impls (`pallas`, `pallas_fused`), swiglu and its backward run inside the down
+projection's activation kernel instead (`BitLinear(glu_input=True)`): h and its cotangent are never written.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmfree_jax.layers import dtypes
-from mmfree_jax.layers.bitlinear import BitLinear
+from mmfree_jax.layers.bitlinear import KERNEL_IMPLS, BitLinear, resolve
 from mmfree_jax.layers.dense import Dense
 from mmfree_jax.model_config import ModelConfig
 
@@ -51,9 +55,11 @@ class BitGLU(nn.Module):
               prequantized=cfg.quantize_weights_once)
     gu = BitLinear((2, cfg.ff), axes=("embed", None, "mlp"), kernel_init=nn.initializers.normal(0.02),
                    name="gate_proj", **kw)(x_BTD)
-    h = nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp"))
-    down_init = nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5)
-    return BitLinear(cfg.d_model, axes=("mlp", "embed"), kernel_init=down_init, name="down_proj", **kw)(h)
+    down = functools.partial(BitLinear, cfg.d_model, axes=("mlp", "embed"), name="down_proj", **kw,
+                             kernel_init=nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5))
+    if resolve(cfg.bitlinear) in KERNEL_IMPLS:  # swiglu inside down_proj's activation kernel: h never written
+      return down(glu_input=True)(gu)
+    return down()(nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp")))
 
 
 class SwiGLU(nn.Module):
