@@ -18,11 +18,14 @@ kernels run in Pallas' interpret mode (tests); under a mesh each device runs the
 Several norm scales `gs [n, K]` on one input (`quantized_inputs`; the MLGRU's f/i/g, `bitlinear.bitlinear_group`):
 the forward normalizes each row once and writes n quantized inputs; the backward reads x once and the n
 cotangents, summing the input's cotangent in float32 (dxhat = sum_j dy_j * g_j) before the norm's backward.
+A GLU prologue (`glu=True`; the down projection, `BitLinear(glu_input=True)`): rows are [gate, up] and the input is
+`glu.swiglu`'s h = silu(gate) * up, rounded to x's dtype as swiglu returns it; the backward rounds h's cotangent
+the same way and applies swiglu's backward, writing [d_gate, d_up]: h is never written.
 
 On the H100 (benchmarks/README.md, log items 18, 30-32) it saves memory and is a little faster than XLA's fusions
 in the full training step (1.3B: 49.9k tokens/s with XLA's fusions, 51.2k with both kernels, -0.5 GiB);
 `model.bitlinear="auto"` turns it on for GPUs, and `"pallas_fused"` saves only the layer input (370M with
-micro-batches: 153.9k tokens/s at 28.0 GiB).
+micro-batches, the GLU prologue and the weights quantized once: 164.8k tokens/s at 22.3 GiB).
 """
 
 import functools
