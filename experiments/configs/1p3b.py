@@ -11,8 +11,8 @@ weight decay 0.1; MatMul-free: peak LR 2.5e-3, cosine with the LR halved at the 
 cosine to 0.1x. Steps are set for the paper's 100B tokens. The paper trained on SlimPajama with a 32k
 SentencePiece vocabulary; README.md lists its zero-shot results.
 Smoke run without data: add `--config.data.source=embedded --config.train.steps=20 --config.train.global_batch=8`.
-Speed on one H100 (benchmarks/README.md), 8 x 2048 tokens per step: this preset 52.2k tokens/s in 39.9 GiB; on
-GPUs, 54.0k in 37.3 GiB with micro-batches of 4 rows, the layers unrolled, no remat and the BitLinear kernels
+Speed on one H100 (benchmarks/README.md), 8 x 2048 tokens per step: this preset 52.6k tokens/s in 39.9 GiB; on
+GPUs, 54.2k in 37.3 GiB with micro-batches of 4 rows, the layers unrolled, no remat and the BitLinear kernels
 saving only their inputs: `--config.train.grad_accum=2 --config.model.unroll_layers=24 --config.model.remat=none
 --config.model.bitlinear=pallas_fused` (at 256 rows per step on one GPU: grad_accum=64). The official code: 39.9k
 in 57.2 GiB.

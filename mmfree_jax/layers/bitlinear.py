@@ -75,7 +75,8 @@ def quantize_weight(w, batch_dims: int = 0):
 def ternary_weight(w, dtype, batch_dims: int = 0):
   """The straight-through ternary weight `w + stop_gradient(W_q - w)` in `dtype`, the product's operand.
 
-  Its value is W_q (up to that sum's rounding, which every impl shares); its gradient passes to `w` unchanged.
+  Its value is W_q up to that sum's rounding (shared by vanilla, pallas and pallas_fused); its gradient passes to
+  `w` unchanged.
   `batch_dims`: as in `quantize_weight` (one scale per stacked matrix).
   """
   w32 = w.astype(dtypes.accum(w.dtype))
