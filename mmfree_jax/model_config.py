@@ -30,6 +30,7 @@ class ModelConfig:
   scan_impl: str = "auto"
   scan_chunk: int = 128
   bitlinear: str = "vanilla"
+  down_bitlinear: str = ""  # the GLU down projection's BitLinear impl ("": bitlinear's)
   quantize_weights_once: bool = False  # MatMul-free: the layer stack's weights quantized once per forward pass
   attention_impl: str = "xla"
   remat: str = "full"
@@ -42,9 +43,13 @@ class ModelConfig:
         (self.arch in ARCHS, f"model.arch={self.arch!r}: expected one of {ARCHS}"),
         (self.scan_impl in recurrence.IMPLS, f"model.scan_impl={self.scan_impl!r}: expected one of {recurrence.IMPLS}"),
         (self.bitlinear in bitlinear.IMPLS, f"model.bitlinear={self.bitlinear!r}: expected one of {bitlinear.IMPLS}"),
-        (not self.quantize_weights_once or self.arch != "hgrn_bit" or self.bitlinear in bitlinear.PREQUANTIZED_IMPLS,
-         f"model.quantize_weights_once needs model.bitlinear in {bitlinear.PREQUANTIZED_IMPLS}, not "
-         f"{self.bitlinear!r} (it quantizes its own weight)"),
+        (self.down_bitlinear in ("", *bitlinear.IMPLS),
+         f"model.down_bitlinear={self.down_bitlinear!r}: expected '' (model.bitlinear's) or one of {bitlinear.IMPLS}"),
+        (not self.quantize_weights_once or self.arch != "hgrn_bit"
+         or {self.bitlinear, self.down_bitlinear or self.bitlinear} <= set(bitlinear.PREQUANTIZED_IMPLS),
+         f"model.quantize_weights_once needs model.bitlinear and model.down_bitlinear in "
+         f"{bitlinear.PREQUANTIZED_IMPLS}, not {self.bitlinear!r} / {self.down_bitlinear!r} (they quantize their own "
+         f"weight)"),
         (self.remat in REMAT, f"model.remat={self.remat!r}: expected one of {REMAT}"),
         (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}: expected xla or cudnn"),
         (min(self.vocab_size, self.d_model, self.n_layers, self.scan_chunk) > 0, "model sizes must be positive"),

@@ -43,6 +43,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.scan_chunk = 128  # chunk length of the chunked scan
   # vanilla (autodiff) | fused (recompute norm + quantization) | int8 | pallas | pallas_fused | auto
   m.bitlinear = "vanilla"
+  # the GLU down projection's impl ("": m.bitlinear's); e.g. pallas among pallas_fused layers keeps its quantized
+  # input for the backward instead of recomputing it
+  m.down_bitlinear = ""
   # MatMul-free: quantize every layer's weights once per forward pass, before the layer loop (not per use; the same
   # values; needs bitlinear vanilla / pallas / pallas_fused / auto)
   m.quantize_weights_once = False

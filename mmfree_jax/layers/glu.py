@@ -55,9 +55,10 @@ class BitGLU(nn.Module):
               prequantized=cfg.quantize_weights_once)
     gu = BitLinear((2, cfg.ff), axes=("embed", None, "mlp"), kernel_init=nn.initializers.normal(0.02),
                    name="gate_proj", **kw)(x_BTD)
+    kw["impl"] = cfg.down_bitlinear or cfg.bitlinear
     down = functools.partial(BitLinear, cfg.d_model, axes=("mlp", "embed"), name="down_proj", **kw,
                              kernel_init=nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5))
-    if resolve(cfg.bitlinear) in KERNEL_IMPLS:  # swiglu inside down_proj's activation kernel: h never written
+    if resolve(kw["impl"]) in KERNEL_IMPLS:  # swiglu inside down_proj's activation kernel: h never written
       return down(glu_input=True)(gu)
     return down()(nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp")))
 

@@ -36,22 +36,24 @@ def test_forward_matches_numpy_reference_float64(x64, bitlinear):
 
 def test_kernel_paths_gradients_equal_vanilla_float64(x64):
   """The whole model's loss gradient with the BitLinear kernels (interpret mode; f/i/g as one group launch, the
-  recomputing VJP) equals autodiff of the vanilla layers, in float64."""
+  recomputing VJP, swiglu inside the down projection's kernel, `model.down_bitlinear`) equals autodiff of the
+  vanilla layers, in float64."""
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
   cfg = dict(TINY, dtype="float64", param_dtype="float64")
   params = _perturbed_params(build_model(dict(cfg, bitlinear="vanilla")), tokens)
 
-  def grads(bitlinear):
-    model = build_model(dict(cfg, bitlinear=bitlinear))
+  def grads(bitlinear, down_bitlinear=""):
+    model = build_model(dict(cfg, bitlinear=bitlinear, down_bitlinear=down_bitlinear))
     loss = lambda p: jnp.sum(jax.nn.log_softmax(model.apply(p, tokens))[..., 0])
     return jax.jit(jax.value_and_grad(loss))(params)
 
   ref_loss, ref = grads("vanilla")
-  for impl in ("pallas", "pallas_fused"):
-    loss, got = grads(impl)
+  # pallas_fused everywhere, and pallas_fused with the GLU's down projection on pallas (its own impl).
+  for impl in (("pallas_fused",), ("pallas_fused", "pallas")):
+    loss, got = grads(*impl)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-11)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11 * max(1.0, float(np.abs(b).max())), err_msg=impl)
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11 * max(1.0, float(np.abs(b).max())), err_msg=str(impl))
 
 
 def test_weights_quantized_once_same_loss_and_gradients_float64(x64):
@@ -93,6 +95,10 @@ def test_weights_quantized_once_bfloat16_logits_equal():
 def test_weights_quantized_once_needs_an_impl_that_takes_them():
   with pytest.raises(ValueError, match="quantize_weights_once needs model.bitlinear"):
     build_model(dict(TINY, bitlinear="fused", quantize_weights_once=True))
+  with pytest.raises(ValueError, match="quantize_weights_once needs model.bitlinear and model.down_bitlinear"):
+    build_model(dict(TINY, bitlinear="pallas", down_bitlinear="int8", quantize_weights_once=True))
+  with pytest.raises(ValueError, match="model.down_bitlinear='dense'"):
+    build_model(dict(TINY, down_bitlinear="dense"))
 
 
 @pytest.mark.parametrize("arch", ["hgrn_bit", "transformer"])
