@@ -12,11 +12,11 @@ cosine to 0.1x. Steps are set for the paper's 15B tokens. The paper trained on S
 SentencePiece vocabulary; README.md lists its zero-shot results.
 Smoke run without data: add `--config.data.source=embedded --config.train.steps=20 --config.train.global_batch=8`.
 Speed on one H100 (benchmarks/README.md), 16 x 2048 tokens per step: this preset 144.6k tokens/s in 27.5 GiB
-(any backend); on GPUs, 164.8k in 22.3 GiB with micro-batches of 8 rows, the layers unrolled, no remat, the
-BitLinear kernels saving only their inputs and the weights quantized once per pass: `--config.train.grad_accum=2
---config.model.unroll_layers=24 --config.model.remat=none --config.model.bitlinear=pallas_fused
---config.model.quantize_weights_once=True` (at 256 rows per step on one GPU: grad_accum=32). The official code:
-96.7k in 45.3 GiB.
+(any backend); on GPUs, 170.2k in 24.3 GiB with micro-batches of 8 rows, the layers unrolled, no remat, the
+BitLinear kernels saving only their inputs but the GLU down projection's quantized one, and the weights quantized
+once per pass: `--config.train.grad_accum=2 --config.model.unroll_layers=24 --config.model.remat=none
+--config.model.bitlinear=pallas_fused --config.model.down_bitlinear=pallas --config.model.quantize_weights_once=True`
+(at 256 rows per step on one GPU: grad_accum=32). The official code: 96.7k in 45.3 GiB.
 """
 
 from experiments.configs import base

@@ -25,7 +25,8 @@ the same way and applies swiglu's backward, writing [d_gate, d_up]: h is never w
 On the H100 (benchmarks/README.md, log items 18, 30-32) it saves memory and is a little faster than XLA's fusions
 in the full training step (1.3B: 49.9k tokens/s with XLA's fusions, 51.2k with both kernels, -0.5 GiB);
 `model.bitlinear="auto"` turns it on for GPUs, and `"pallas_fused"` saves only the layer input (370M with
-micro-batches, the GLU prologue and the weights quantized once: 164.8k tokens/s at 22.3 GiB).
+micro-batches, the GLU prologue and the weights quantized once: 170.2k tokens/s at 24.3 GiB with the down projection
+on `pallas`).
 """
 
 import functools

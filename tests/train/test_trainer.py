@@ -96,9 +96,12 @@ def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path):
 
 def test_sharded_mesh_matches_one_device_float64(tmp_path):
   """(data, fsdp, tensor) = (2, 2, 2) on 8 devices gives the same losses as one device (float64: the 8-bit
-  quantizers amplify last-bit differences of float32 reductions, see shared anchors; in float64 they agree)."""
+  quantizers amplify last-bit differences of float32 reductions, see shared anchors; in float64 they agree).
+  The model takes the GPU presets' paths (the BitLinear and recurrence kernels, per device, in interpret mode; the
+  weights quantized once per pass), so the sharded program they make is the one checked."""
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-  over = {**tu.FLOAT64, "train.steps": 4, "checkpoint.every_steps": 0, "eval.every_steps": 0}
+  over = {**tu.FLOAT64, "train.steps": 4, "checkpoint.every_steps": 0, "eval.every_steps": 0,
+          "model.bitlinear": "pallas", "model.scan_impl": "pallas", "model.quantize_weights_once": True}
   tu.run(one, over, x64=True)
   tu.run(eight, {**over, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, devices=8, x64=True)
   la, lb = tu.losses(one), tu.losses(eight)
