@@ -7,8 +7,9 @@ activation scale and one absmean weight scale, as the reference's `[2I, d]`; the
 `swiglu(gu) = silu(gate) * up` carries its own VJP: autodiff would transpose the two slices into zero-padded
 `[..., 2, I]` cotangents and add them; here the backward writes gate's and up's cotangents side by side in one
 pass (the same formulas: d_up = dh * silu(gate), d_gate = dh * up * s * (1 + gate * (1 - s)), s = sigmoid(gate)).
-With the BitLinear kernel impls (`pallas`, `pallas_fused`), swiglu and its backward run inside the down
-projection's activation kernel instead (`BitLinear(glu_input=True)`): h and its cotangent are never written.
+When the down projection's BitLinear impl (`model.down_bitlinear`, by default `model.bitlinear`) is a kernel impl
+(`pallas`, `pallas_fused`), swiglu and its backward run inside its activation kernel instead
+(`BitLinear(glu_input=True)`): h and its cotangent are never written.
 """
 
 import functools
