@@ -235,10 +235,3 @@ def quantized_inputs(x, gs, eps: float, glu: bool = False) -> tuple:
   outs = pallas_util.per_device(fn, (ROW_AXES, (None, None)), (ROW_AXES,) * gs.shape[0])(rows, gs)
   return tuple(o.reshape(*x.shape[:x.ndim - 2 if glu else -1], k) for o in outs)
 
-
-def quantized_input(x, g, eps: float):
-  """BitLinear's quantized input `y_q [..., K]` (x's dtype) of `x [..., K]` with norm scale `g [K]`; see the
-  module docstring. Differentiable in x and g (straight through the quantizer)."""
-  if x.shape[-1] != g.shape[-1] or g.ndim != 1:
-    raise ValueError(f"bitlinear kernel: x [..., K] and g [K] expected; got {x.shape} and {g.shape}")
-  return quantized_inputs(x, g[None], eps)[0]
