@@ -79,7 +79,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.steps = 10000
   t.global_batch = 256  # sequences per optimizer step, over all processes
   t.grad_accum = 1  # micro-batches per step
-  t.unroll_micro_batches = 1  # micro-batches per loop iteration (>= grad_accum: straight line); ~x compile time
   t.seed = 0
   t.log_every = 10
   t.on_nonfinite = "skip"  # skip (drop the update, keep going) | stop (keep the last good checkpoint, exit)

@@ -68,9 +68,6 @@ def check_batch(config, mesh: Mesh, process_count: int) -> None:
   """Batch arithmetic errors, one line each, before any compilation."""
   gb, accum = int(config.train.global_batch), int(config.train.grad_accum)
   dp = sharding.data_parallel_size(mesh)
-  if int(config.train.unroll_micro_batches) < 1:
-    raise ValueError(f"train.unroll_micro_batches={config.train.unroll_micro_batches} must be >= 1 (micro-batches "
-                     "per loop iteration)")
   if accum < 1 or gb % accum:
     raise ValueError(f"train.global_batch={gb} is not divisible by train.grad_accum={accum}")
   if (gb // accum) % dp:
@@ -100,8 +97,7 @@ def build_program(config, mesh: Mesh) -> Program:
   eval_bs = sharding.batch_sharding(mesh, ndim=2)
   replicated = NamedSharding(mesh, P())
   init = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings)
-  train_step = jax.jit(make_train_step(model, tx, lr_schedule, int(config.train.unroll_micro_batches)),
-                       in_shardings=(state_shardings, train_bs),
+  train_step = jax.jit(make_train_step(model, tx, lr_schedule), in_shardings=(state_shardings, train_bs),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, eval_bs),
                       out_shardings=replicated)

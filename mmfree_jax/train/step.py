@@ -30,39 +30,23 @@ def loss_sums(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
   return loss, jnp.sum(batch["weights"].astype(loss.dtype))
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    unroll_micro_batches: int = 1):
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
   """`train_step(state, batch) -> (state, metrics)`; batch fields are [A, B/A, T] (A micro-batches).
 
   Gradients of the summed loss are accumulated over the micro-batches in float32 and divided by the total
   token weight, so any A gives the same update as one big batch. A non-finite loss or gradient leaves the
   state unchanged (`metrics["finite"] = 0`); the host decides whether to go on or stop.
-  `unroll_micro_batches` (U > 1): the first micro-batch's gradient starts the sum (rather than being added to
-  zeros) and the others run U per loop iteration (U >= A - 1: straight-line code), in order; the same values.
-  Work that depends only on the parameters (e.g. the weights quantized once per pass) is then computed once per
-  iteration rather than per micro-batch; compilation takes about U + 1 times longer.
   """
   grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
 
   def train_step(state: TrainState, batch):
-    acc_dtype = lambda p: jnp.promote_types(p.dtype, jnp.float32)
-
     def micro(carry, mb):
-      if unroll_micro_batches > 1:  # one micro-batch after the other: unrolled, the compiler would otherwise
-        carry, mb = jax.lax.optimization_barrier((carry, mb))  # overlap them, holding both one's activations
       g_acc, l_acc, w_acc = carry
       (l, w), g = grad_fn(state.params, mb)
-      return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), l_acc + l, w_acc + w), None
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
 
-    if unroll_micro_batches > 1:  # the first micro-batch's gradient starts the sum (no pass adding zeros)
-      (l, w), g = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
-      first = (jax.tree.map(lambda g_, p: g_.astype(acc_dtype(p)), g, state.params), l, w)
-      (grads, loss_sum, weight), _ = jax.lax.scan(micro, first, jax.tree.map(lambda x: x[1:], batch),
-                                                  unroll=unroll_micro_batches)
-      grads = jax.lax.optimization_barrier(grads)  # summed once, not inside each of the optimizer's reductions
-    else:
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype(p)), state.params)
-      (grads, loss_sum, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
+    (grads, loss_sum, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom

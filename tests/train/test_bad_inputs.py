@@ -32,7 +32,6 @@ def _shards(tmp_path):
     ({"mesh.data": 3}, "needs 3 devices but 8"),
     ({"train.global_batch": 12}, "not divisible by the data-parallel size"),
     ({"train.grad_accum": 3}, "not divisible by train.grad_accum"),
-    ({"train.unroll_micro_batches": 0}, "unroll_micro_batches=0 must be >= 1"),
     ({"model.vocab_size": 100}, "vocab_size"),
     ({"model.scan_impl": "parallel"}, "model.scan_impl"),
     ({"data.source": "shards", "data.path": "/nonexistent/data"}, "does not exist"),
