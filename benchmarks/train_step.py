@@ -42,12 +42,12 @@ def run(config, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
   from mmfree_jax import flops  # pylint: disable=g-import-not-at-top
   from mmfree_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  from mmfree_jax.train.program import build_program, check_batch  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.train.program import build_program, resolve_batch  # pylint: disable=g-import-not-at-top
 
   config.train.global_batch = batch
   config.data.seq_len = seq_len
   mesh = sharding.make_mesh(config.mesh)
-  check_batch(config, mesh, jax.process_count())
+  resolve_batch(config, mesh, jax.process_count())
   program = build_program(config, mesh)
   accum = int(config.train.grad_accum)
   rng = np.random.default_rng(0)

@@ -79,6 +79,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.steps = 10000
   t.global_batch = 256  # sequences per optimizer step, over all processes
   t.grad_accum = 1  # micro-batches per step
+  t.micro_batch = 0  # rows per device and micro-batch: sets grad_accum from the mesh (0: grad_accum as given)
   t.seed = 0
   t.log_every = 10
   t.on_nonfinite = "skip"  # skip (drop the update, keep going) | stop (keep the last good checkpoint, exit)
@@ -125,11 +126,33 @@ def sized(name: str, arch: str) -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None) -> str:
-  """`get_config(arg)`: '' or 'mmfree' -> hgrn_bit, 'transformer' -> transformer."""
-  arg = (arg or "").strip()
-  if arg in ("", "mmfree", "hgrn_bit"):
-    return "hgrn_bit"
-  if arg == "transformer":
-    return "transformer"
-  raise ValueError(f"unknown config argument {arg!r}: use ':transformer' for Transformer++ or nothing")
+def _tokens(arg: str | None) -> list[str]:
+  return [t.strip() for t in (arg or "").split(",") if t.strip()]
+
+
+def parse_arg(arg: str | None, gpu: bool = False) -> str:
+  """`get_config(arg)`: '' or 'mmfree' -> hgrn_bit, 'transformer' -> transformer; presets with a GPU configuration
+  (`gpu=True`) also take 'gpu' (e.g. ':gpu', ':mmfree,gpu'; see `fastest_on_gpu`)."""
+  if wants_gpu(arg) and not gpu:
+    raise ValueError(f"config argument {arg!r}: this preset has no ':gpu' configuration (370m.py and 1p3b.py do)")
+  archs = [t for t in _tokens(arg) if t != "gpu"]
+  if len(archs) > 1 or any(t not in ("mmfree", "hgrn_bit", "transformer") for t in archs):
+    raise ValueError(f"unknown config argument {arg!r}: use ':transformer' for Transformer++, ':gpu' for the "
+                     "MatMul-free LM's GPU configuration (where the preset has one), or nothing")
+  return "transformer" if archs == ["transformer"] else "hgrn_bit"
+
+
+def wants_gpu(arg: str | None) -> bool:
+  return "gpu" in _tokens(arg)
+
+
+def fastest_on_gpu(c: ml_collections.ConfigDict, micro_batch: int) -> None:
+  """The fastest MatMul-free training step measured on one H100 (benchmarks/README.md, log items 30-38):
+  micro-batches of `micro_batch` rows per GPU (`train.micro_batch`), the layers unrolled, no remat, the BitLinear
+  kernels saving only their inputs but the GLU down projection's quantized one, the weights quantized once per
+  pass. The kernels are Pallas Triton kernels: elsewhere they run in interpret mode (slow)."""
+  if c.model.arch != "hgrn_bit":
+    raise ValueError("':gpu' is the MatMul-free LM's GPU configuration; the Transformer++ presets need none")
+  c.model.update(unroll_layers=c.model.n_layers, remat="none", bitlinear="pallas_fused", down_bitlinear="pallas",
+                 quantize_weights_once=True)
+  c.train.micro_batch = micro_batch

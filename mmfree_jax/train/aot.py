@@ -34,7 +34,7 @@ import ml_collections
 
 from mmfree_jax import flops
 from mmfree_jax.train import hlo_flops, sharding
-from mmfree_jax.train.program import build_program, check_batch
+from mmfree_jax.train.program import build_program, resolve_batch
 
 GiB = 1024 ** 3
 INSTALL_HINT = "libtpu is not installed: `pip install -e .[tpu]` (installs jax[tpu], about 700 MB)"
@@ -226,7 +226,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, num_slices:
   mesh = make_slice_mesh(config, topo, devices)
   hosts = _num_hosts(devices)
   try:
-    check_batch(config, mesh, hosts)
+    resolve_batch(config, mesh, hosts)
   except ValueError as e:
     raise AotError(f"{e} (slice {topo.describe()}, {hosts} hosts)") from e
   gb, accum, seq_len = int(config.train.global_batch), int(config.train.grad_accum), int(config.data.seq_len)

@@ -64,10 +64,20 @@ class _Context:
       self._stack.pop().__exit__(*exc)
 
 
-def check_batch(config, mesh: Mesh, process_count: int) -> None:
-  """Batch arithmetic errors, one line each, before any compilation."""
-  gb, accum = int(config.train.global_batch), int(config.train.grad_accum)
+def resolve_batch(config, mesh: Mesh, process_count: int) -> None:
+  """Sets `train.grad_accum` from `train.micro_batch` where that is set (rows per device and micro-batch), then
+  raises the batch arithmetic's errors, one line each, before any compilation."""
+  gb, micro = int(config.train.global_batch), int(config.train.micro_batch)
   dp = sharding.data_parallel_size(mesh)
+  if micro:
+    if micro < 0 or gb % (dp * micro):
+      raise ValueError(f"train.global_batch={gb} does not split into micro-batches of train.micro_batch={micro} "
+                       f"rows on each of the {dp} data-parallel devices (mesh.data*mesh.fsdp)")
+    if int(config.train.grad_accum) not in (1, gb // (dp * micro)):
+      raise ValueError(f"train.grad_accum={config.train.grad_accum} and train.micro_batch={micro} disagree: set "
+                       "one of them (micro_batch gives grad_accum=global_batch/(micro_batch*data-parallel devices))")
+    config.train.grad_accum = gb // (dp * micro)
+  accum = int(config.train.grad_accum)
   if accum < 1 or gb % accum:
     raise ValueError(f"train.global_batch={gb} is not divisible by train.grad_accum={accum}")
   if (gb // accum) % dp:

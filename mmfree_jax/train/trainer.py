@@ -26,7 +26,7 @@ from mmfree_jax.model_config import ModelConfig
 from mmfree_jax.train import metrics as metrics_lib
 from mmfree_jax.train import sharding
 from mmfree_jax.train.checkpoint import Checkpointer
-from mmfree_jax.train.program import build_program, check_batch
+from mmfree_jax.train.program import build_program, resolve_batch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,7 +88,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_cfg = validate(config)
   mesh = sharding.make_mesh(config.mesh)
   pc, pi = jax.process_count(), jax.process_index()
-  check_batch(config, mesh, pc)
+  resolve_batch(config, mesh, pc)
   config_dict = json.loads(config.to_json_best_effort())
   ckpt = Checkpointer(workdir, config.checkpoint)
   ckpt.check_compatible(config_dict)
