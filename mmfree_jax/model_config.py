@@ -7,6 +7,11 @@ import jax.numpy as jnp
 
 ARCHS = ("hgrn_bit", "transformer")
 REMAT = ("none", "full", "save_dots", "save_proj")
+# Fields that choose how the model is computed, not what it is: the parameters (tree, shapes, dtypes) do not depend
+# on them and the function only to rounding, so a checkpoint resumes under any of their values (e.g. the presets'
+# ':gpu' configuration of a run started elsewhere).
+IMPLEMENTATION_FIELDS = ("dtype", "scan_impl", "scan_chunk", "bitlinear", "down_bitlinear", "quantize_weights_once",
+                         "attention_impl", "remat", "unroll_layers", "loss_chunk")
 
 
 def glu_width(d_model: int) -> int:

@@ -19,6 +19,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from mmfree_jax.model_config import IMPLEMENTATION_FIELDS
+
 CONFIG_FIELDS_THAT_MUST_MATCH = ("model",)
 
 
@@ -69,16 +71,18 @@ class Checkpointer:
     return aside
 
   def check_compatible(self, config_dict: dict[str, Any]) -> None:
-    """Refuse a workdir whose checkpoints hold a different model (before anything is written)."""
+    """Refuse a workdir whose checkpoints hold a different model (before anything is written); how the model is
+    computed (`model_config.IMPLEMENTATION_FIELDS`) may change between runs."""
+    what = lambda d: {k: v for k, v in (d or {}).items() if k not in IMPLEMENTATION_FIELDS}
     for step in reversed(self.steps()):
       try:
         saved = self.saved_config(step)
       except Exception:  # pylint: disable=broad-except
         continue
       for field in CONFIG_FIELDS_THAT_MUST_MATCH:
-        if json.dumps(saved.get(field), sort_keys=True) != json.dumps(config_dict.get(field), sort_keys=True):
-          diff = sorted(k for k in set(saved.get(field, {})) | set(config_dict.get(field, {}))
-                        if saved.get(field, {}).get(k) != config_dict.get(field, {}).get(k))
+        old, new = what(saved.get(field)), what(config_dict.get(field))
+        if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
+          diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
           raise ValueError(f"{self.directory} holds a checkpoint of a different {field} (differs in {diff}); "
                            "use a new --workdir or the config it was trained with")
       return

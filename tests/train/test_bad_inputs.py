@@ -72,6 +72,10 @@ def test_workdir_of_a_different_model(tmp_path):
     train(_config(**{"train.steps": 4, "model.d_model": 48}), workdir)
   assert open(os.path.join(workdir, "config.json")).read() == before
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == listing
+  # How the model is computed may change: the run resumes from step 2.
+  train(_config(**{"train.steps": 3, "eval.batches": 0, "model.remat": "full", "model.scan_impl": "sequential",
+                   "model.unroll_layers": 2}), workdir)
+  assert [r["step"] for r in tu.metrics(workdir) if "loss" in r] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("flag,match", [
