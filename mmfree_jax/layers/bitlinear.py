@@ -84,15 +84,14 @@ def ternary_weight(w, dtype, batch_dims: int = 0):
   return (w32 + lax.stop_gradient(qw * inv_sw - w32)).astype(dtype)
 
 
-def quantize_stacked(tree, dtype, batch_dims: int = 1):
-  """`tree` (a layer stack's variables, every leaf stacked on `batch_dims` leading layers axes; 0: one layer's)
-  with each BitLinear kernel (a `kernel` next to a `norm_scale`) replaced by `ternary_weight(kernel, dtype,
-  batch_dims)`: each layer's weights quantized with its own scale, for BitLinears called with
-  `prequantized=True`. Boxed leaves stay boxed."""
+def quantize_stacked(tree, dtype):
+  """`tree` (a layer stack's variables, every leaf stacked on a leading layers axis) with each BitLinear kernel
+  (a `kernel` next to a `norm_scale`) replaced by `ternary_weight(kernel, dtype, batch_dims=1)`: the weights of
+  all layers quantized at once, for BitLinears called with `prequantized=True`. Boxed leaves stay boxed."""
   def weight(k):
     if isinstance(k, nn.meta.AxisMetadata):
       return k.replace_boxed(weight(k.unbox()))
-    return ternary_weight(k, dtype, batch_dims=batch_dims)
+    return ternary_weight(k, dtype, batch_dims=1)
 
   def visit(node):
     if not isinstance(node, dict):

@@ -1,5 +1,7 @@
 """The MatMul-free LM (`HGRNBitForCausalLM`): embeddings, L x (MLGRU + GLU) blocks, final RMSNorm, BitLinear head."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,9 +63,9 @@ class HGRNBitLM(nn.Module):
     lower_bounds = self.param("lower_bounds", nn.with_logical_partitioning(nn.initializers.zeros, ("layers", "embed")),
                               (cfg.n_layers, cfg.d_model), cfg.weight_dtype)
     resets = None if segment_ids_BT is None else resets_from_segments(segment_ids_BT)
-    view = None  # with quantize_weights_once, every layer's weights quantized once per pass (`stack.scanned`)
+    view = None  # with quantize_weights_once, every layer's weights quantized here, before the layer loop
     if cfg.quantize_weights_once and not self.is_initializing():
-      view = lambda variables, batch_dims: quantize_stacked(variables, cfg.compute_dtype, batch_dims)
+      view = functools.partial(quantize_stacked, dtype=cfg.compute_dtype)
     layers = scanned(HGRNBitBlock, cfg, in_axes=(0, nn.broadcast), name="layers", params_view=view)
     x, h_last = layers(x, (layer_lower_bounds(lower_bounds), state), resets)
     x = RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="norm")(x)

@@ -42,21 +42,15 @@ def scanned(block_cls: type[nn.Module], cfg: ModelConfig, in_axes, name: str, pa
   The block is called as `block(carry, *xs)` and returns `(carry, ys)`; `in_axes` says which of `xs` are
   per-layer (0) and which are shared by all layers (`nn.broadcast`). `cfg.unroll_layers` blocks run per loop
   iteration (the parameters stay stacked either way, so checkpoints do not depend on it).
-  `params_view`, optional: `params_view(variables, batch_dims)`, a differentiable function of the variables
-  (`{"params": {...}}`) that the blocks see instead (`nn.map_variables`), computed once per forward pass, outside
-  remat. With a layer loop it is applied to the whole stack before the loop (`batch_dims=1`); with the layers
-  unrolled, to each layer's slice (`batch_dims=0`), which the compiler then reads in place rather than copying
-  each layer's part out of the stacked result (log item 40). Pass None at init.
+  `params_view`, optional: a function of the stack's variables (`{"params": {...}}`, stacked) applied once
+  before the loop (`nn.map_variables`), so that the blocks see its result; differentiable. Pass None at init.
   """
   block = block_cls
   if cfg.remat != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  unrolled = cfg.unroll_layers >= cfg.n_layers
-  if params_view is not None and unrolled:
-    block = nn.map_variables(block, "params", trans_in_fn=lambda v: params_view(v, 0))
   stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
                   length=cfg.n_layers, unroll=min(cfg.unroll_layers, cfg.n_layers),
                   metadata_params={nn.PARTITION_NAME: "layers"})
-  if params_view is not None and not unrolled:
-    stack = nn.map_variables(stack, "params", trans_in_fn=lambda v: params_view(v, 1))
+  if params_view is not None:
+    stack = nn.map_variables(stack, "params", trans_in_fn=params_view)
   return stack(cfg, name=name)
