@@ -1,5 +1,7 @@
 """The MatMul-free LM: float64 parity with the NumPy reference, causality, state carry, int8 mode, resets."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -107,10 +109,11 @@ def test_causal(arch):
   model = build_model(cfg)
   key = jax.random.key(np.random.randint(1 << 30))
   tokens = jax.random.randint(key, (2, 16), 0, 97)
-  params = model.init(jax.random.key(1), tokens)
+  params = jax.jit(model.init)(jax.random.key(1), tokens)
   t = 9
   changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % 97)
-  a, b = model.apply(params, tokens), model.apply(params, changed)
+  apply = jax.jit(model.apply)
+  a, b = apply(params, tokens), apply(params, changed)
   np.testing.assert_array_equal(a[:, :t + 1], b[:, :t + 1])
   assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
 
@@ -119,10 +122,11 @@ def test_causal(arch):
 def test_two_halves_with_carried_state_equal_whole(x64, impl):
   model = build_model(dict(TINY, dtype="float64", param_dtype="float64", scan_impl=impl, scan_chunk=4))
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 14), 0, 97)
-  params = model.init(jax.random.key(0), tokens)
-  whole, state = model.apply(params, tokens, return_state=True)
-  first, mid = model.apply(params, tokens[:, :6], return_state=True)
-  second, end = model.apply(params, tokens[:, 6:], state=mid, return_state=True)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)
+  apply = jax.jit(functools.partial(model.apply, return_state=True))  # compiled: op by op is slower here
+  whole, state = apply(params, tokens)
+  first, mid = apply(params, tokens[:, :6])
+  second, end = apply(params, tokens[:, 6:], state=mid)
   np.testing.assert_allclose(np.concatenate([first, second], 1), whole, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(end, state, rtol=1e-12, atol=1e-12)
   assert state.shape == (TINY["n_layers"], 2, TINY["d_model"]) and state.dtype == jnp.float64
@@ -131,9 +135,9 @@ def test_two_halves_with_carried_state_equal_whole(x64, impl):
 def test_int8_mode_matches_fake_quant():
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 12), 0, 97)
   fused = build_model(dict(TINY, dtype="float32", bitlinear="fused"))
-  params = fused.init(jax.random.key(0), tokens)
-  a = fused.apply(params, tokens)
-  b = build_model(dict(TINY, dtype="float32", bitlinear="int8")).apply(params, tokens)
+  params = jax.jit(fused.init)(jax.random.key(0), tokens)
+  a = jax.jit(fused.apply)(params, tokens)
+  b = jax.jit(build_model(dict(TINY, dtype="float32", bitlinear="int8")).apply)(params, tokens)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -142,12 +146,13 @@ def test_segments_reset_the_state(x64):
   model = build_model(dict(TINY, dtype="float64", param_dtype="float64"))
   key = jax.random.key(np.random.randint(1 << 30))
   doc_a, doc_b = jax.random.randint(key, (1, 7), 0, 97), jax.random.randint(jax.random.fold_in(key, 1), (1, 5), 0, 97)
-  params = model.init(jax.random.key(0), doc_a)
+  params = jax.jit(model.init)(jax.random.key(0), doc_a)
+  apply = jax.jit(model.apply)
   packed = jnp.concatenate([doc_a, doc_b], 1)
   seg = jnp.array([[1] * 7 + [2] * 5])
-  out = model.apply(params, packed, seg)
-  np.testing.assert_allclose(out[:, :7], model.apply(params, doc_a), rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(out[:, 7:], model.apply(params, doc_b), rtol=1e-12, atol=1e-12)
+  out = apply(params, packed, seg)
+  np.testing.assert_allclose(out[:, :7], apply(params, doc_a), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(out[:, 7:], apply(params, doc_b), rtol=1e-12, atol=1e-12)
 
 
 def test_lower_bounds_at_init():
