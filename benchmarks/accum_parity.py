@@ -75,9 +75,9 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   result = {"device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-            "date": datetime.date.today().isoformat(), "config": config_flags.get_config_filename(f["config"]), "batch": f.batch,
-            "seq_len": f.seq_len, "bitlinear": f.config.model.bitlinear, "scan_impl": f.config.model.scan_impl,
-            "jax": jax.__version__}
+            "date": datetime.date.today().isoformat(), "config": config_flags.get_config_filename(f["config"]),
+            "batch": f.batch, "seq_len": f.seq_len, "bitlinear": f.config.model.bitlinear,
+            "scan_impl": f.config.model.scan_impl, "jax": jax.__version__}
   for dtype in f.dtypes:
     f.config.model.dtype = dtype
     result[dtype] = distances(f.config, f.batch, f.seq_len)

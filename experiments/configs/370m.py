@@ -12,9 +12,9 @@ cosine to 0.1x. Steps are set for the paper's 15B tokens. The paper trained on S
 SentencePiece vocabulary; README.md lists its zero-shot results.
 Smoke run without data: add `--config.data.source=embedded --config.train.steps=20 --config.train.global_batch=8`.
 Speed on one H100 (benchmarks/README.md), 16 x 2048 tokens per step: this preset 144.6k tokens/s in 27.5 GiB
-(any backend); its GPU configuration, `--config=experiments/configs/370m.py:gpu`, 168.7k-170.2k in 24.3 GiB: micro-batches
-of 8 rows per GPU, the layers unrolled, no remat, the BitLinear kernels saving only their inputs but the GLU down
-projection's quantized one, the weights quantized once per pass (`base.fastest_on_gpu`).
+(any backend); its GPU configuration, `--config=experiments/configs/370m.py:gpu`, 168.7k-170.2k in 24.3 GiB:
+micro-batches of 8 rows per GPU, the layers unrolled, no remat, the BitLinear kernels saving only their inputs but
+the GLU down projection's quantized one, the weights quantized once per pass (`base.fastest_on_gpu`).
   python -m benchmarks.train_step --config=experiments/configs/370m.py:gpu --batch=16 --steps=10
 The official code: 96.7k in 45.3 GiB.
 """
