@@ -6,7 +6,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 import optax
 
 
@@ -24,66 +23,27 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def loss_sums(model: nn.Module, params, batch, **apply_kwargs) -> tuple[jax.Array, jax.Array]:
+def loss_sums(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
   """(sum of token cross-entropies in float32, number of weighted tokens) for one (micro-)batch."""
   loss = model.apply(params, batch["inputs"], batch["segment_ids"], batch["positions"],
-                     targets_BT=batch["targets"], weights_BT=batch["weights"], **apply_kwargs)
+                     targets_BT=batch["targets"], weights_BT=batch["weights"])
   return loss, jnp.sum(batch["weights"].astype(loss.dtype))
 
 
-def _is_layer_matrix(path, leaf) -> bool:
-  """A matrix of the layer stack: a leaf under `layers` with a leading layers axis and >= 2 axes per layer."""
-  return any(getattr(k, "key", None) == "layers" for k in path) and leaf.ndim >= 3
-
-
-def split_layers(tree):
-  """`tree` with each layer matrix (`_is_layer_matrix`) replaced by the tuple of its layers' slices."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: tuple(x[i] for i in range(x.shape[0])) if _is_layer_matrix(path, x) else x, tree)
-
-
-def stack_layers(tree):
-  """The inverse of `split_layers`."""
-  return jax.tree.map(lambda x: jnp.stack(x) if isinstance(x, tuple) else x, tree,
-                      is_leaf=lambda x: isinstance(x, tuple))
-
-
-def _accumulate(acc, g):
-  """`acc + g` in acc's dtype; `g` a tuple of layers (`split_layers`): added layer by layer, in place."""
-  if not isinstance(g, tuple):
-    return acc + g.astype(acc.dtype)
-  for i, g_i in enumerate(g):
-    acc = lax.dynamic_update_index_in_dim(acc, acc[i] + g_i.astype(acc.dtype), i, 0)
-  return acc
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
-                    weight_view=None, per_layer: bool = False):
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
   """`train_step(state, batch) -> (state, metrics)`; batch fields are [A, B/A, T] (A micro-batches).
 
   Gradients of the summed loss are accumulated over the micro-batches in float32 and divided by the total
   token weight, so any A gives the same update as one big batch. A non-finite loss or gradient leaves the
   state unchanged (`metrics["finite"] = 0`); the host decides whether to go on or stop.
-
-  `weight_view`: `(view, apply_kwargs)` of `models.weight_view`: `view(params)` is computed once per step, before
-  the micro-batches, and the model applied to it; as the view is straight-through, the gradients with respect to
-  it are the parameters' (accumulated in the parameters' float32).
-  `per_layer`: the layer matrices' gradients are accumulated layer by layer (`split_layers`), each layer's where it
-  is produced, and stacked once after the last micro-batch. With the layers unrolled this saves a pass over every
-  matrix's gradient per micro-batch: stacked, each micro-batch's per-layer gradients are first concatenated into
-  the stack, then added. The same sums, the same bits.
   """
-  view, apply_kwargs = weight_view or ((lambda p: p), {})
-  split = split_layers if per_layer else (lambda t: t)
-  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, stack_layers(p), b, **apply_kwargs), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
 
   def train_step(state: TrainState, batch):
-    read = split(view(state.params))
-
     def micro(carry, mb):
       g_acc, l_acc, w_acc = carry
-      (l, w), g = grad_fn(read, mb)
-      return (jax.tree.map(_accumulate, g_acc, g), l_acc + l, w_acc + w), None
+      (l, w), g = grad_fn(state.params, mb)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
     (grads, loss_sum, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
