@@ -7,12 +7,11 @@
 """
 
 import flax.linen as nn
-import jax
 from jax.ad_checkpoint import checkpoint_name
 
-from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.bitlinear import BitLinear, BitLinearParams, bitlinear_group
-from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.mlgru_gates import input_gates, output_gate
+from mmfree_jax.layers.norm import RMSNormScale
 from mmfree_jax.layers.recurrence import linear_scan
 from mmfree_jax.model_config import ModelConfig
 
@@ -27,7 +26,6 @@ class MLGRU(nn.Module):
   def __call__(self, x_BTD, lower_bound_D, h0_BD=None, resets_BT=None):
     """Returns (out [B, T, D] in the compute dtype, final state [B, D] float32)."""
     cfg = self.cfg
-    acc = dtypes.accum(cfg.compute_dtype)
     # f/i/g read the same input: one group (one normalization, or one kernel launch per direction for all three).
     params = [BitLinearParams(cfg.d_model, axes=("embed", "heads"), kernel_init=PROJ_INIT,
                               param_dtype=cfg.weight_dtype, name=name)(x_BTD.shape[-1])
@@ -35,15 +33,12 @@ class MLGRU(nn.Module):
     f, i, g = (checkpoint_name(v, "proj") for v in bitlinear_group(
         x_BTD.astype(cfg.compute_dtype), *zip(*params), eps=cfg.norm_eps, impl=cfg.bitlinear,
         prequantized=cfg.quantize_weights_once))
-    f = jax.nn.sigmoid(f.astype(acc))
-    lb = lower_bound_D.astype(acc)
-    f = lb + (1.0 - lb) * f
-    i = jax.nn.silu(i.astype(acc)) * (1.0 - f)
-    f = nn.with_logical_constraint(f.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
-    i = nn.with_logical_constraint(i.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_heads"))
+    f, i = input_gates(f, i, lower_bound_D)
+    f = nn.with_logical_constraint(f, ("act_batch", "act_length", "act_heads"))
+    i = nn.with_logical_constraint(i, ("act_batch", "act_length", "act_heads"))
     h, h_last = linear_scan(f, i, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
-    g = RMSNorm(cfg.norm_eps, dtype=acc, param_dtype=cfg.weight_dtype, axis_name="heads", name="g_norm")(g)
-    o = (g * jax.nn.silu(h.astype(acc))).astype(cfg.compute_dtype)
+    g_scale = RMSNormScale(cfg.weight_dtype, axis_name="heads", name="g_norm")(g.shape[-1])
+    o = output_gate(g, h, g_scale, cfg.norm_eps).astype(cfg.compute_dtype)
     o_proj = BitLinear(cfg.d_model, axes=("heads", "embed"), kernel_init=PROJ_INIT, eps=cfg.norm_eps,
                        impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                        prequantized=cfg.quantize_weights_once, name="o_proj")

@@ -25,3 +25,16 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     y = rms_normalize(x, self.eps) * scale.astype(dtypes.accum(x.dtype))
     return y.astype(self.dtype)
+
+
+class RMSNormScale(nn.Module):
+  """An `RMSNorm`'s parameter alone (the same name, shape, axes and init), for a caller that applies the norm
+  itself (`layers.mlgru_gates.output_gate`): `RMSNormScale(..., name="g_norm")(d)` returns `scale [d]`, and the
+  parameter tree is the one `RMSNorm(..., name="g_norm")` makes."""
+  param_dtype: jnp.dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, d: int):
+    return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (d,),
+                      self.param_dtype)

@@ -1,0 +1,70 @@
+"""The MLGRU gates' custom VJPs against autodiff of the plain formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmfree_jax.layers import mlgru_gates as mg
+
+EPS = 1e-6
+
+
+def _inputs(rng, shape, dtype):
+  """Raw projections well into both tails of the sigmoids, a lower bound in [0, 1), cotangent weights."""
+  raw = [jnp.asarray(rng.normal(size=shape) * 3, dtype) for _ in range(3)]
+  lb = jnp.asarray(rng.uniform(0, 1, size=shape[-1:]), jnp.float64 if dtype == jnp.float64 else jnp.float32)
+  scale = jnp.asarray(rng.normal(size=shape[-1:]) + 1, lb.dtype)
+  w = [jnp.asarray(rng.normal(size=shape), lb.dtype) for _ in range(3)]
+  return raw, lb, scale, w
+
+
+def _input_loss(fn, w):
+  return lambda fr, ir, lb: sum(jnp.sum(v.astype(wi.dtype) * wi) for v, wi in zip(fn(fr, ir, lb), w))
+
+
+def _output_loss(fn, w):
+  return lambda g, h, scale: jnp.sum(fn(g, h, scale, EPS).astype(w.dtype) * w)
+
+
+def _plain_inputs(fr, ir, lb):
+  return tuple(v.astype(fr.dtype) for v in mg.input_gates_reference(fr, ir, lb))
+
+
+def test_gradients_match_autodiff_float64(x64):
+  rng = np.random.default_rng()
+  (fr, ir, g), lb, scale, w = _inputs(rng, (3, 5, 24), jnp.float64)
+  got = jax.value_and_grad(_input_loss(mg.input_gates, w[:2]), argnums=(0, 1, 2))(fr, ir, lb)
+  want = jax.value_and_grad(_input_loss(_plain_inputs, w[:2]), argnums=(0, 1, 2))(fr, ir, lb)
+  got_o = jax.value_and_grad(_output_loss(mg.output_gate, w[2]), argnums=(0, 1, 2))(g, fr, scale)
+  want_o = jax.value_and_grad(_output_loss(mg.output_gate_reference, w[2]), argnums=(0, 1, 2))(g, fr, scale)
+  for (v, grads), (v_ref, grads_ref) in ((got, want), (got_o, want_o)):
+    np.testing.assert_allclose(v, v_ref, rtol=1e-13)
+    for a, b in zip(grads, grads_ref):
+      assert a.shape == b.shape and a.dtype == b.dtype
+      np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_bfloat16_forward_bits_and_gradients():
+  """Forward: the same float32 formulas, so the same bits. Backward: both compute in float32 and round the raw
+  projections' cotangents once to bf16 (8 significant bits: one ulp is up to 2^-7 of the value). Where the
+  norm's backward cancels (`dghat - ghat * mean(...)`) the float32 values before rounding may differ by float32
+  summation order relative to the row's largest terms: atol 1e-5 of the largest cotangent. The float32 parameter
+  cotangents (sums over 448 rows) agree to float32 summation order."""
+  rng = np.random.default_rng()
+  (fr, ir, g), lb, scale, w = _inputs(rng, (4, 7, 64), jnp.bfloat16)
+  fwd = jax.jit(mg.input_gates)
+  for a, b in zip(fwd(fr, ir, lb), jax.jit(_plain_inputs)(fr, ir, lb)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(jax.jit(mg.output_gate, static_argnums=3)(g, fr, scale, EPS),
+                                jax.jit(mg.output_gate_reference, static_argnums=3)(g, fr, scale, EPS))
+  cases = ((_input_loss(mg.input_gates, w[:2]), _input_loss(_plain_inputs, w[:2]), (fr, ir, lb)),
+           (_output_loss(mg.output_gate, w[2]), _output_loss(mg.output_gate_reference, w[2]), (g, fr, scale)))
+  for loss, loss_ref, args in cases:
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+    grads_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2)))(*args)
+    for a, b in zip(grads[:2], grads_ref[:2]):
+      assert a.dtype == jnp.bfloat16
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=1e-5 * np.abs(b).max())
+    np.testing.assert_allclose(grads[2], grads_ref[2], rtol=1e-4, atol=1e-5)
