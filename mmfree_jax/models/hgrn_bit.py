@@ -20,6 +20,16 @@ from mmfree_jax.models.stack import scanned
 ACT = ("act_batch", "act_length", "act_embed")
 
 
+def quantized_view(params, cfg: ModelConfig):
+  """`params` with every layer's BitLinear weights as `quantize_weights_once` quantizes them before the layer loop
+  (`quantize_stacked`): a straight-through view (its gradient with respect to the latent weights is the
+  identity, up to the dtype). For a caller that quantizes once per optimizer step rather than once per forward
+  pass (`train.step`), then applies the model with `weights_quantized=True`."""
+  inner = dict(params["params"])
+  inner["layers"] = quantize_stacked(inner["layers"], cfg.compute_dtype)
+  return {**params, "params": inner}
+
+
 def layer_lower_bounds(lower_bounds_LD):
   """softmax over layers, cumsum, minus the first: lb[0] = 0 exactly, lb[l] = l/L at init."""
   p = jax.nn.softmax(lower_bounds_LD.astype(dtypes.accum(lower_bounds_LD.dtype)), axis=0)
@@ -46,13 +56,14 @@ class HGRNBitLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, state=None, return_state=False,
-               targets_BT=None, weights_BT=None):
+               targets_BT=None, weights_BT=None, weights_quantized=False):
     """Logits [B, T, V] (compute dtype); with `return_state`, also the recurrent state [L, B, D] float32.
 
     `state` is the state before the first token (as returned by an earlier call); `segment_ids` reset the
     state at document starts inside a row. MatMul-free LM has no positional encoding: `positions` is unused.
     With `targets` (and `weights`), the sum of the weighted token cross-entropies instead of the logits
     (`models.head_loss`: over `cfg.loss_chunk` positions at a time).
+    `weights_quantized`: with `quantize_weights_once`, the layers' weights in `params` are `quantized_view`'s.
     """
     del positions_BT
     cfg = self.cfg
@@ -64,7 +75,7 @@ class HGRNBitLM(nn.Module):
                               (cfg.n_layers, cfg.d_model), cfg.weight_dtype)
     resets = None if segment_ids_BT is None else resets_from_segments(segment_ids_BT)
     view = None  # with quantize_weights_once, every layer's weights quantized here, before the layer loop
-    if cfg.quantize_weights_once and not self.is_initializing():
+    if cfg.quantize_weights_once and not weights_quantized and not self.is_initializing():
       view = functools.partial(quantize_stacked, dtype=cfg.compute_dtype)
     layers = scanned(HGRNBitBlock, cfg, in_axes=(0, nn.broadcast), name="layers", params_view=view)
     x, h_last = layers(x, (layer_lower_bounds(lower_bounds), state), resets)

@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmfree_jax.model_config import ModelConfig
-from mmfree_jax.models import build_model
+from mmfree_jax.models import build_model, weight_view
 from mmfree_jax.train import sharding
 from mmfree_jax.train.optimizer import make_optimizer
 from mmfree_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -107,7 +107,10 @@ def build_program(config, mesh: Mesh) -> Program:
   eval_bs = sharding.batch_sharding(mesh, ndim=2)
   replicated = NamedSharding(mesh, P())
   init = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings)
-  train_step = jax.jit(make_train_step(model, tx, lr_schedule), in_shardings=(state_shardings, train_bs),
+  view = weight_view(model_cfg)  # per-layer accumulation pays where the view's slices are made anyway
+  step_fn = make_train_step(model, tx, lr_schedule, weight_view=view,
+                            per_layer=view is not None and model_cfg.unroll_layers >= model_cfg.n_layers)
+  train_step = jax.jit(step_fn, in_shardings=(state_shardings, train_bs),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, eval_bs),
                       out_shardings=replicated)

@@ -23,30 +23,63 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def loss_sums(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
+def loss_sums(model: nn.Module, params, batch, **apply_kwargs) -> tuple[jax.Array, jax.Array]:
   """(sum of token cross-entropies in float32, number of weighted tokens) for one (micro-)batch."""
   loss = model.apply(params, batch["inputs"], batch["segment_ids"], batch["positions"],
-                     targets_BT=batch["targets"], weights_BT=batch["weights"])
+                     targets_BT=batch["targets"], weights_BT=batch["weights"], **apply_kwargs)
   return loss, jnp.sum(batch["weights"].astype(loss.dtype))
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
+def _is_layer_matrix(path, leaf) -> bool:
+  """A matrix of the layer stack: a leaf under `layers` with a leading layers axis and >= 2 axes per layer."""
+  return any(getattr(k, "key", None) == "layers" for k in path) and leaf.ndim >= 3
+
+
+def split_layers(tree):
+  """`tree` with each layer matrix (`_is_layer_matrix`) replaced by the tuple of its layers' slices."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: tuple(x[i] for i in range(x.shape[0])) if _is_layer_matrix(path, x) else x, tree)
+
+
+def stack_layers(tree):
+  """The inverse of `split_layers`."""
+  return jax.tree.map(lambda x: jnp.stack(x) if isinstance(x, tuple) else x, tree,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
+                    weight_view=None, per_layer: bool = False):
   """`train_step(state, batch) -> (state, metrics)`; batch fields are [A, B/A, T] (A micro-batches).
 
   Gradients of the summed loss are accumulated over the micro-batches in float32 and divided by the total
   token weight, so any A gives the same update as one big batch. A non-finite loss or gradient leaves the
   state unchanged (`metrics["finite"] = 0`); the host decides whether to go on or stop.
+
+  `weight_view`: `(view, apply_kwargs)` of `models.weight_view`: `view(params)` is computed once per step, before
+  the micro-batches, and the model applied to it; as the view is straight-through, the gradients with respect to
+  it are the parameters' (accumulated in the parameters' float32).
+  `per_layer`: the gradient is taken with respect to each layer matrix's per-layer slices (`split_layers`; the
+  loss stacks them again, and XLA cancels the slicing of the stack), accumulated per layer and stacked once after
+  the last micro-batch. With the layers unrolled and the weight view, each micro-batch's gradient is added where
+  each layer's is produced instead of being concatenated into the stack first (benchmarks/README.md, log items
+  41-42). The same sums, the same bits.
   """
-  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+  view, apply_kwargs = weight_view or ((lambda p: p), {})
+  split = split_layers if per_layer else (lambda t: t)
+  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, stack_layers(p), b, **apply_kwargs), has_aux=True)
 
   def train_step(state: TrainState, batch):
+    read = split(view(state.params))
+
     def micro(carry, mb):
       g_acc, l_acc, w_acc = carry
-      (l, w), g = grad_fn(state.params, mb)
-      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
+      (l, w), g = grad_fn(read, mb)
+      return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), l_acc + l, w_acc + w), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
-    (grads, loss_sum, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    (grads, loss_sum, weight), _ = jax.lax.scan(micro, (split(zeros), 0.0, 0.0), batch)
+    if per_layer:  # stacked into memory first: fused into the optimizer's reductions, the stacking ran 3x slower
+      grads = jax.lax.optimization_barrier(stack_layers(grads))
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
