@@ -11,17 +11,50 @@ scale, the softmax) belongs to one position, so the chunked loss is the same fun
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import optax
 
 LOGITS = ("act_batch", "act_length", "act_vocab")
 
 
-def token_loss_sum(logits_BTV, targets_BT, weights_BT):
-  """Sum of the weighted token cross-entropies, in float32 (float64 for float64 models)."""
+def token_loss_sum_reference(logits_BTV, targets_BT, weights_BT):
+  """Sum of the weighted token cross-entropies (optax's, on float32 logits), differentiated by autodiff."""
   acc = jnp.promote_types(logits_BTV.dtype, jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(acc), targets_BT)
   return jnp.sum(losses * weights_BT.astype(acc))
+
+
+@jax.custom_vjp
+def token_loss_sum(logits_BTV, targets_BT, weights_BT):
+  """Sum of the weighted token cross-entropies, in float32 (float64 for float64 models).
+
+  The same values as `token_loss_sum_reference`; its VJP keeps the logits (their dtype) and each row's
+  log-sum-exp, and forms the logits' cotangent `w * (softmax - onehot(target))` in one element-wise pass (the
+  one-hot as a comparison with the vocabulary index): autodiff of the reference writes a float32 cotangent,
+  scatters the targets' -1 into it and converts it to the logits' dtype in a third pass. The targets and
+  weights get no cotangent (integers; the weights are data).
+  """
+  return _token_loss_fwd(logits_BTV, targets_BT, weights_BT)[0]
+
+
+def _token_loss_fwd(logits, targets, weights):
+  x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  lse = jax.nn.logsumexp(x, axis=-1)
+  picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+  w = weights.astype(x.dtype)
+  return jnp.sum((lse - picked) * w), (logits, lse, targets, w)
+
+
+def _token_loss_bwd(res, g):
+  logits, lse, targets, w = res
+  x = logits.astype(lse.dtype)
+  onehot = jnp.arange(x.shape[-1], dtype=targets.dtype) == targets[..., None]
+  d = (jnp.exp(x - lse[..., None]) - onehot.astype(x.dtype)) * (w * g)[..., None]
+  return d.astype(logits.dtype), None, None
+
+
+token_loss_sum.defvjp(_token_loss_fwd, _token_loss_bwd)
 
 
 def head_loss(head: nn.Module, apply: Callable, x_BTD, targets_BT, weights_BT, chunk: int):
