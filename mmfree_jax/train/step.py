@@ -60,9 +60,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
   it are the parameters' (accumulated in the parameters' float32).
   `per_layer`: the gradient is taken with respect to each layer matrix's per-layer slices (`split_layers`; the
   loss stacks them again, and XLA cancels the slicing of the stack), accumulated per layer and stacked once after
-  the last micro-batch. With the layers unrolled and the weight view, each micro-batch's gradient is added where
-  each layer's is produced instead of being concatenated into the stack first (benchmarks/README.md, log items
-  41-42). The same sums, the same bits.
+  the last micro-batch. With the weight view and the layers unrolled, the view's per-layer slices are then made
+  once per step, before the micro-batch loop, which reads them in place (inside the loop, slices of the view are
+  copies, once per micro-batch), and each layer's gradient is added where it is produced (benchmarks/README.md,
+  log items 41-43). The same sums, the same bits.
   """
   view, apply_kwargs = weight_view or ((lambda p: p), {})
   split = split_layers if per_layer else (lambda t: t)
