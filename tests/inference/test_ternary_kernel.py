@@ -103,10 +103,11 @@ def test_decoding_with_the_kernel_matches_xla(kernel_on, monkeypatch, prologues)
   assert "fig" in w["layers"]["attn"] and w["layers"]["attn"]["fig"]["packed"].shape[1] == 3
   step = jax.make_jaxpr(lambda w, c: fam.hidden(cfg, w, jnp.ones((1, 1), jnp.int32), None, c))
   assert str(step(w, fam.init_cache(cfg, 1, 8))).count("pallas_call") == 4  # fig, o, gate/up, down
-  tokens = jax.random.randint(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (2, 12), 3, 97)
+  seed = int(np.random.default_rng().integers(1 << 30))
+  draws = [jax.random.randint(jax.random.key(seed + i), (2, 12), 3, 97) for i in range(2)]
 
   @jax.jit
-  def teacher_forced(params):
+  def teacher_forced(params, tokens):
     """Logits of 4-token prompts (prefill) and of 8 more tokens fed one at a time (decode)."""
     w = fam.prepare(cfg, params)
     first, cache = gen.prefill(cfg, w, tokens[:, :4], jnp.ones((2, 4), bool), 16)
@@ -118,12 +119,18 @@ def test_decoding_with_the_kernel_matches_xla(kernel_on, monkeypatch, prologues)
     _, later = jax.lax.scan(one, cache, tokens[:, 4:].T)
     return jnp.concatenate([first[:, None], jnp.swapaxes(later, 0, 1)], axis=1)
 
-  with_kernel = np.asarray(teacher_forced(params))
+  with_kernel = [np.asarray(teacher_forced(params, t)) for t in draws]
   ternary_kernel.MODE = "off"
   jax.clear_caches()
-  without = np.asarray(teacher_forced(params))
+  without = [np.asarray(teacher_forced(params, t)) for t in draws]
   # Equal to float32 rounding, except where an activation code rounds the other way at a tie (see the unit test):
-  # such a flip moves a logit by a small fraction of its range.
-  scale = np.abs(without).max()
-  np.testing.assert_allclose(with_kernel, without, atol=2e-2 * scale)
-  assert np.mean(np.abs(with_kernel - without) <= 1e-4 * scale) > 0.9
+  # such a flip moves a logit by a small fraction of its range, and through the recurrent state every later
+  # logit of its row a little. Every logit stays within 2% of the range; in at least one of two independent
+  # draws (a flip early in a row happens in a few percent of draws; a systematic error would show in both),
+  # 90% of the logits agree to 1e-4 of the range.
+  close = []
+  for a, b in zip(with_kernel, without):
+    scale = np.abs(b).max()
+    np.testing.assert_allclose(a, b, atol=2e-2 * scale)
+    close.append(np.mean(np.abs(a - b) <= 1e-4 * scale))
+  assert max(close) > 0.9, close
