@@ -21,8 +21,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = _scale_param(self, x.shape[-1])
     y = rms_normalize(x, self.eps) * scale.astype(dtypes.accum(x.dtype))
     return y.astype(self.dtype)
 
@@ -36,5 +35,10 @@ class RMSNormScale(nn.Module):
 
   @nn.compact
   def __call__(self, d: int):
-    return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (d,),
-                      self.param_dtype)
+    return _scale_param(self, d)
+
+
+def _scale_param(module: nn.Module, d: int):
+  """The norm's `scale [d]` (init 1, axis `module.axis_name`, dtype `module.param_dtype`) in `module`'s scope."""
+  return module.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (module.axis_name,)), (d,),
+                      module.param_dtype)
