@@ -8,7 +8,9 @@ Both compute in float32 (float64 for float64 inputs) and return the compute dtyp
 intermediates for its backward pass (sigmoid(f_raw), f, silu(i_raw), the normalized g, silu(h): each twice the
 size of a compute-dtype activation) and its backward writes float32 cotangents between fusions. These VJPs keep
 the raw projections (compute dtype; `h` is the recurrence's output, which the recurrence keeps anyway) and
-recompute the rest in one element-wise pass per direction. Same values as the references up to float32 rounding
+recompute the rest in one element-wise pass per direction, behind an optimization barrier: without it XLA merged
+the recomputed float32 f with the forward's and kept it, 2 bytes per element more than the VJP's residuals
+(benchmarks/README.md, log item 44). Same values as the references up to float32 rounding
 order (`tests/layers/test_mlgru_gates.py`).
 """
 
@@ -49,7 +51,9 @@ def _input_gates_fwd(f_raw, i_raw, lb):
 
 
 def _input_gates_bwd(res, cts):
-  f_raw, i_raw, lb = res
+  # The barrier (as in `bitlinear._kernel_recompute_bwd`) makes the recomputation depend on the cotangents, so
+  # XLA cannot merge it with the forward pass's identical formulas (CSE), which would keep float32 f as a residual.
+  (f_raw, i_raw, lb), cts = jax.lax.optimization_barrier((res, cts))
   df, di = _f32(*cts)
   fr, ir = _f32(f_raw, i_raw)
   lb32 = lb.astype(fr.dtype)
@@ -76,7 +80,7 @@ def _output_gate_fwd(g_raw, h, scale, eps):
 
 
 def _output_gate_bwd(eps, res, do):
-  g_raw, h, scale = res
+  (g_raw, h, scale), do = jax.lax.optimization_barrier((res, do))  # no CSE with the forward (`_input_gates_bwd`)
   g, h32 = _f32(g_raw, h)
   do = do.astype(g.dtype)
   w = scale.astype(g.dtype)
