@@ -10,8 +10,9 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.layers.bitlinear import BitLinear, BitLinearParams, bitlinear_group
-from mmfree_jax.layers.mlgru_gates import gated_scan, output_gate
+from mmfree_jax.layers.mlgru_gates import input_gates, output_gate
 from mmfree_jax.layers.norm import RMSNormScale
+from mmfree_jax.layers.recurrence import linear_scan
 from mmfree_jax.model_config import ModelConfig
 
 # xavier-uniform with gain 2^-2.5: bound = gain * sqrt(6 / (fan_in + fan_out)).
@@ -32,7 +33,10 @@ class MLGRU(nn.Module):
     f, i, g = (checkpoint_name(v, "proj") for v in bitlinear_group(
         x_BTD.astype(cfg.compute_dtype), *zip(*params), eps=cfg.norm_eps, impl=cfg.bitlinear,
         prequantized=cfg.quantize_weights_once))
-    h, h_last = gated_scan(f, i, lower_bound_D, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
+    f, i = input_gates(f, i, lower_bound_D)
+    f = nn.with_logical_constraint(f, ("act_batch", "act_length", "act_heads"))
+    i = nn.with_logical_constraint(i, ("act_batch", "act_length", "act_heads"))
+    h, h_last = linear_scan(f, i, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
     g_scale = RMSNormScale(cfg.weight_dtype, axis_name="heads", name="g_norm")(g.shape[-1])
     o = output_gate(g, h, g_scale, cfg.norm_eps).astype(cfg.compute_dtype)
     o_proj = BitLinear(cfg.d_model, axes=("heads", "embed"), kernel_init=PROJ_INIT, eps=cfg.norm_eps,

@@ -3,9 +3,6 @@
   input gates   (f_raw, i_raw, lb) -> (f, i):  f = lb + (1 - lb) * sigmoid(f_raw),  i = silu(i_raw) * (1 - f)
   output gate   (g_raw, h, scale)  -> o:       o = rms_normalize(g_raw) * scale * silu(h)
 
-`gated_scan` runs the input gates and the recurrence; with the recurrence's GPU kernel the gates are computed
-inside it (`recurrence_kernel.gated_linear_scan`), and `input_gates` below is the other backends' path.
-
 Both compute in float32 (float64 for float64 inputs) and return the compute dtype, as the plain formulas
 (`input_gates_reference`, `output_gate_reference`) differentiated by autodiff do. Autodiff keeps float32
 intermediates for its backward pass (sigmoid(f_raw), f, silu(i_raw), the normalized g, silu(h): each twice the
@@ -19,13 +16,10 @@ order (`tests/layers/test_mlgru_gates.py`).
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmfree_jax.layers import dtypes
-from mmfree_jax.layers import recurrence
-from mmfree_jax.layers import recurrence_kernel
 from mmfree_jax.layers.norm import rms_normalize
 
 
@@ -73,23 +67,6 @@ def _input_gates_bwd(res, cts):
 
 
 input_gates.defvjp(_input_gates_fwd, _input_gates_bwd)
-
-
-def gated_scan(f_raw, i_raw, lb, h0=None, resets=None, *, impl: str = "associative", chunk: int = 128):
-  """`(h [B, T, D], h_T [B, D])`: the input gates of the raw projections, then the recurrence on them:
-  `recurrence.linear_scan(*input_gates(f_raw, i_raw, lb), h0, resets, impl=impl, chunk=chunk)`. With the pallas
-  impl the gates are computed inside the recurrence's kernels (`recurrence_kernel.gated_linear_scan`): f and i,
-  and their cotangents, are never written."""
-  if recurrence.resolve_impl(impl) != "pallas":
-    f, i = input_gates(f_raw, i_raw, lb)
-    f = nn.with_logical_constraint(f, ("act_batch", "act_length", "act_heads"))
-    i = nn.with_logical_constraint(i, ("act_batch", "act_length", "act_heads"))
-    return recurrence.linear_scan(f, i, h0, resets, impl=impl, chunk=chunk)
-  state = dtypes.accum(f_raw.dtype)
-  bsz, t_len, d = f_raw.shape
-  h0 = jnp.zeros((bsz, d), state) if h0 is None else h0.astype(state)
-  keep = jnp.ones((bsz, t_len), state) if resets is None else jnp.logical_not(resets).astype(state)
-  return recurrence_kernel.gated_linear_scan(f_raw, i_raw, lb, h0, keep, output_name=recurrence.OUTPUT_NAME)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
