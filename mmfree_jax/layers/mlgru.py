@@ -12,6 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmfree_jax.layers.bitlinear import BitLinear, BitLinearParams, bitlinear_group
 from mmfree_jax.layers.mlgru_gates import input_gates, output_gate
 from mmfree_jax.layers.norm import RMSNormScale
+from mmfree_jax.layers import recurrence
 from mmfree_jax.layers.recurrence import linear_scan
 from mmfree_jax.model_config import ModelConfig
 
@@ -38,7 +39,9 @@ class MLGRU(nn.Module):
     i = nn.with_logical_constraint(i, ("act_batch", "act_length", "act_heads"))
     h, h_last = linear_scan(f, i, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
     g_scale = RMSNormScale(cfg.weight_dtype, axis_name="heads", name="g_norm")(g.shape[-1])
-    o = output_gate(g, h, g_scale, cfg.norm_eps).astype(cfg.compute_dtype)
+    # The output gate's backward runs as a kernel where the recurrence does (GPUs, by default).
+    kernel = recurrence.resolve_impl(cfg.scan_impl) == "pallas"
+    o = output_gate(g, h, g_scale, cfg.norm_eps, kernel).astype(cfg.compute_dtype)
     o_proj = BitLinear(cfg.d_model, axes=("heads", "embed"), kernel_init=PROJ_INIT, eps=cfg.norm_eps,
                        impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                        prequantized=cfg.quantize_weights_once, name="o_proj")

@@ -10,8 +10,10 @@ size of a compute-dtype activation) and its backward writes float32 cotangents b
 the raw projections (compute dtype; `h` is the recurrence's output, which the recurrence keeps anyway) and
 recompute the rest in one element-wise pass per direction, behind an optimization barrier: without it XLA merged
 the recomputed float32 f with the forward's and kept it, 2 bytes per element more than the VJP's residuals
-(benchmarks/README.md, log item 44). Same values as the references up to float32 rounding
-order (`tests/layers/test_mlgru_gates.py`).
+(benchmarks/README.md, log item 44). The output gate's backward, two row reductions and the element-wise
+outputs, takes three passes in XLA's fusions; `output_gate(..., kernel=True)` runs it as one GPU kernel
+(`gate_kernel`; item 45). Same values as the references up to float32 rounding order
+(`tests/layers/test_mlgru_gates.py`).
 """
 
 import functools
@@ -20,11 +22,20 @@ import jax
 import jax.numpy as jnp
 
 from mmfree_jax.layers import dtypes
+from mmfree_jax.layers import gate_kernel
 from mmfree_jax.layers.norm import rms_normalize
 
 
 def _f32(*xs):
   return tuple(x.astype(dtypes.accum(x.dtype)) for x in xs)
+
+
+def _after(res, cts):
+  """The residuals as new values that depend on the cotangents (an optimization barrier, as in
+  `bitlinear._kernel_recompute_bwd`): XLA can then not merge the backward's recomputation with the forward pass's
+  identical formulas (CSE), which kept float32 f as a residual. The cotangents themselves are used as they are,
+  so that the element-wise work producing them still fuses into the backward's fusion."""
+  return jax.lax.optimization_barrier((res, cts))[0]
 
 
 def input_gates_reference(f_raw, i_raw, lb):
@@ -51,9 +62,7 @@ def _input_gates_fwd(f_raw, i_raw, lb):
 
 
 def _input_gates_bwd(res, cts):
-  # The barrier (as in `bitlinear._kernel_recompute_bwd`) makes the recomputation depend on the cotangents, so
-  # XLA cannot merge it with the forward pass's identical formulas (CSE), which would keep float32 f as a residual.
-  (f_raw, i_raw, lb), cts = jax.lax.optimization_barrier((res, cts))
+  f_raw, i_raw, lb = _after(res, cts)
   df, di = _f32(*cts)
   fr, ir = _f32(f_raw, i_raw)
   lb32 = lb.astype(fr.dtype)
@@ -69,18 +78,23 @@ def _input_gates_bwd(res, cts):
 input_gates.defvjp(_input_gates_fwd, _input_gates_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def output_gate(g_raw, h, scale, eps):
-  """`rms_normalize(g_raw) * scale * silu(h)` in float32 (the caller casts); `scale [D]` the norm's scale."""
-  return output_gate_reference(g_raw, h, scale, eps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def output_gate(g_raw, h, scale, eps, kernel=False):
+  """`rms_normalize(g_raw) * scale * silu(h)` in g_raw's dtype (computed in float32); `scale [D]` the norm's
+  scale. `kernel`: the backward as one GPU kernel (`gate_kernel.output_gate_backward`; interpret mode off GPUs),
+  which reads the compute-dtype cotangent as it arrives."""
+  return output_gate_reference(g_raw, h, scale, eps).astype(g_raw.dtype)
 
 
-def _output_gate_fwd(g_raw, h, scale, eps):
-  return output_gate(g_raw, h, scale, eps), (g_raw, h, scale)
+def _output_gate_fwd(g_raw, h, scale, eps, kernel):
+  return output_gate(g_raw, h, scale, eps, kernel), (g_raw, h, scale)
 
 
-def _output_gate_bwd(eps, res, do):
-  (g_raw, h, scale), do = jax.lax.optimization_barrier((res, do))  # no CSE with the forward (`_input_gates_bwd`)
+def _output_gate_bwd(eps, kernel, res, do):
+  g_raw, h, scale = _after(res, do)
+  if kernel:
+    dg, dh, d_scale = gate_kernel.output_gate_backward(g_raw, h, do, scale, eps)
+    return dg, dh, d_scale.astype(scale.dtype)
   g, h32 = _f32(g_raw, h)
   do = do.astype(g.dtype)
   w = scale.astype(g.dtype)

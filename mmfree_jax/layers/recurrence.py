@@ -120,16 +120,22 @@ def _parallel_bwd(impl, chunk, res, cts):
 _parallel_scan.defvjp(_parallel_fwd, _parallel_bwd)
 
 
-def linear_scan(a, b, h0=None, resets=None, *, impl: str = "associative", chunk: int = 128):
-  """`h_t = a_t * h_{t-1} + b_t`; returns `(h, h_T)`. See the module docstring."""
+def resolve_impl(impl: str) -> str:
+  """`impl` with "auto" resolved for the default backend; raises on an unknown name."""
   if impl not in IMPLS:
     raise ValueError(f"unknown scan impl {impl!r}; expected one of {IMPLS}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "associative"
+  return impl
+
+
+def linear_scan(a, b, h0=None, resets=None, *, impl: str = "associative", chunk: int = 128):
+  """`h_t = a_t * h_{t-1} + b_t`; returns `(h, h_T)`. See the module docstring."""
+  impl = resolve_impl(impl)
   state = dtypes.accum(b.dtype)
   if resets is not None:
     a = jnp.where(resets[..., None], jnp.zeros((), a.dtype), a)
   h0 = jnp.zeros((b.shape[0], b.shape[2]), state) if h0 is None else h0.astype(state)
-  if impl == "auto":
-    impl = "pallas" if jax.default_backend() == "gpu" else "associative"
   if impl == "pallas":
     return recurrence_kernel.linear_scan(a, b, h0, output_name=OUTPUT_NAME)
   if impl != "sequential":

@@ -1,5 +1,6 @@
 """The MLGRU gates' custom VJPs against autodiff of the plain formulas."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,13 +31,17 @@ def _plain_inputs(fr, ir, lb):
   return tuple(v.astype(fr.dtype) for v in mg.input_gates_reference(fr, ir, lb))
 
 
+def _plain_output(g, h, scale, eps):
+  return mg.output_gate_reference(g, h, scale, eps).astype(g.dtype)
+
+
 def test_gradients_match_autodiff_float64(x64):
   rng = np.random.default_rng()
   (fr, ir, g), lb, scale, w = _inputs(rng, (3, 5, 24), jnp.float64)
   got = jax.value_and_grad(_input_loss(mg.input_gates, w[:2]), argnums=(0, 1, 2))(fr, ir, lb)
   want = jax.value_and_grad(_input_loss(_plain_inputs, w[:2]), argnums=(0, 1, 2))(fr, ir, lb)
   got_o = jax.value_and_grad(_output_loss(mg.output_gate, w[2]), argnums=(0, 1, 2))(g, fr, scale)
-  want_o = jax.value_and_grad(_output_loss(mg.output_gate_reference, w[2]), argnums=(0, 1, 2))(g, fr, scale)
+  want_o = jax.value_and_grad(_output_loss(_plain_output, w[2]), argnums=(0, 1, 2))(g, fr, scale)
   for (v, grads), (v_ref, grads_ref) in ((got, want), (got_o, want_o)):
     np.testing.assert_allclose(v, v_ref, rtol=1e-13)
     for a, b in zip(grads, grads_ref):
@@ -57,9 +62,9 @@ def test_bfloat16_forward_bits_and_gradients():
     assert a.dtype == jnp.bfloat16
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(jax.jit(mg.output_gate, static_argnums=3)(g, fr, scale, EPS),
-                                jax.jit(mg.output_gate_reference, static_argnums=3)(g, fr, scale, EPS))
+                                jax.jit(_plain_output, static_argnums=3)(g, fr, scale, EPS))
   cases = ((_input_loss(mg.input_gates, w[:2]), _input_loss(_plain_inputs, w[:2]), (fr, ir, lb)),
-           (_output_loss(mg.output_gate, w[2]), _output_loss(mg.output_gate_reference, w[2]), (g, fr, scale)))
+           (_output_loss(mg.output_gate, w[2]), _output_loss(_plain_output, w[2]), (g, fr, scale)))
   for loss, loss_ref, args in cases:
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
     grads_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2)))(*args)
@@ -68,3 +73,43 @@ def test_bfloat16_forward_bits_and_gradients():
       a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
       np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=1e-5 * np.abs(b).max())
     np.testing.assert_allclose(grads[2], grads_ref[2], rtol=1e-4, atol=1e-5)
+
+
+def _output_grads(kernel, g, h, scale, w):
+  fn = lambda g_, h_, s_: jnp.sum(mg.output_gate(g_, h_, s_, EPS, kernel).astype(w.dtype) * w)
+  return jax.jit(jax.grad(fn, argnums=(0, 1, 2)))(g, h, scale)
+
+
+def test_output_gate_kernel_backward_float64(x64):
+  """The backward kernel (interpret mode here; rows of 40 = 32 + 8: two pieces) against the XLA backward."""
+  (g, h, _), _, scale, w = _inputs(np.random.default_rng(), (3, 5, 40), jnp.float64)
+  for a, b in zip(_output_grads(True, g, h, scale, w[0]), _output_grads(False, g, h, scale, w[0])):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_output_gate_kernel_backward_bfloat16():
+  """bf16 inputs: both compute in float32 and round dg and dh once; where the norm's backward cancels the
+  float32 values may differ by summation order relative to the row's largest terms (atol 1e-5 of the largest,
+  as in `test_bfloat16_forward_bits_and_gradients`), and d_scale (float32 sums over 28 rows) to summation order."""
+  (g, h, _), _, scale, w = _inputs(np.random.default_rng(), (4, 7, 64), jnp.bfloat16)
+  got, want = _output_grads(True, g, h, scale, w[0]), _output_grads(False, g, h, scale, w[0])
+  for a, b in zip(got, want):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    a, b = np.float32(a), np.float32(b)
+    np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-5 * np.abs(b).max())
+
+
+def test_output_gate_kernel_under_a_mesh():
+  """Under a (data, fsdp, tensor) mesh each device runs the kernel on its rows; d_scale's per-program sums are
+  summed over every device's rows."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  (g, h, _), _, scale, w = _inputs(np.random.default_rng(), (8, 4, 32), jnp.float32)
+  want = _output_grads(False, g, h, scale, w[0])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    rows = NamedSharding(mesh, P(sharding.BATCH, None, None))
+    got = _output_grads(True, jax.device_put(g, rows), jax.device_put(h, rows), scale, w[0])
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)  # float32; different summation orders
