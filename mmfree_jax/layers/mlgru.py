@@ -34,13 +34,13 @@ class MLGRU(nn.Module):
     f, i, g = (checkpoint_name(v, "proj") for v in bitlinear_group(
         x_BTD.astype(cfg.compute_dtype), *zip(*params), eps=cfg.norm_eps, impl=cfg.bitlinear,
         prequantized=cfg.quantize_weights_once))
-    f, i = input_gates(f, i, lower_bound_D)
+    # The gates' backward passes run as kernels where the recurrence does (GPUs, by default).
+    kernel = recurrence.resolve_impl(cfg.scan_impl) == "pallas"
+    f, i = input_gates(f, i, lower_bound_D, resets_BT, kernel)  # f zeroed at resets: the state's reset
     f = nn.with_logical_constraint(f, ("act_batch", "act_length", "act_heads"))
     i = nn.with_logical_constraint(i, ("act_batch", "act_length", "act_heads"))
-    h, h_last = linear_scan(f, i, h0_BD, resets_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
+    h, h_last = linear_scan(f, i, h0_BD, None, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
     g_scale = RMSNormScale(cfg.weight_dtype, axis_name="heads", name="g_norm")(g.shape[-1])
-    # The output gate's backward runs as a kernel where the recurrence does (GPUs, by default).
-    kernel = recurrence.resolve_impl(cfg.scan_impl) == "pallas"
     o = output_gate(g, h, g_scale, cfg.norm_eps, kernel).astype(cfg.compute_dtype)
     o_proj = BitLinear(cfg.d_model, axes=("heads", "embed"), kernel_init=PROJ_INIT, eps=cfg.norm_eps,
                        impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,

@@ -50,20 +50,32 @@ def output_gate_reference(g_raw, h, scale, eps):
   return rms_normalize(g, eps) * scale.astype(g.dtype) * jax.nn.silu(h)
 
 
-@jax.custom_vjp
-def input_gates(f_raw, i_raw, lb):
-  """(f, i) in f_raw's dtype for the recurrence `h_t = f_t h_{t-1} + i_t`; `lb [D]` the layer's lower bound."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def input_gates(f_raw, i_raw, lb, resets=None, kernel=False):
+  """(f, i) in f_raw's dtype for the recurrence `h_t = f_t h_{t-1} + i_t`; `lb [D]` the layer's lower bound.
+  `resets [B, T]` (True where a document starts): f is zeroed there (the recurrence's state reset, as
+  `recurrence.linear_scan(..., resets)` does). `kernel`: the backward as one GPU kernel
+  (`gate_kernel.input_gates_backward`; interpret mode off GPUs)."""
+  del kernel
   f, i = input_gates_reference(f_raw, i_raw, lb)
-  return f.astype(f_raw.dtype), i.astype(f_raw.dtype)
+  f = f.astype(f_raw.dtype)
+  if resets is not None:
+    f = jnp.where(resets[..., None], jnp.zeros((), f.dtype), f)
+  return f, i.astype(f_raw.dtype)
 
 
-def _input_gates_fwd(f_raw, i_raw, lb):
-  return input_gates(f_raw, i_raw, lb), (f_raw, i_raw, lb)
+def _input_gates_fwd(f_raw, i_raw, lb, resets, kernel):
+  return input_gates(f_raw, i_raw, lb, resets, kernel), (f_raw, i_raw, lb, resets)
 
 
-def _input_gates_bwd(res, cts):
-  f_raw, i_raw, lb = _after(res, cts)
+def _input_gates_bwd(kernel, res, cts):
+  f_raw, i_raw, lb, resets = _after(res, cts)
+  if kernel:
+    keep = None if resets is None else jnp.logical_not(resets)
+    return (*gate_kernel.input_gates_backward(f_raw, i_raw, lb, *cts, keep), None)
   df, di = _f32(*cts)
+  if resets is not None:
+    df = jnp.where(resets[..., None], jnp.zeros((), df.dtype), df)
   fr, ir = _f32(f_raw, i_raw)
   lb32 = lb.astype(fr.dtype)
   s, si = jax.nn.sigmoid(fr), jax.nn.sigmoid(ir)
@@ -72,7 +84,7 @@ def _input_gates_bwd(res, cts):
   d_fr = df * (1.0 - lb32) * s * (1.0 - s)
   d_ir = di * (1.0 - f) * si * (1.0 + ir * (1.0 - si))
   d_lb = jnp.sum((df * (1.0 - s)).reshape(-1, lb.shape[-1]), axis=0)
-  return d_fr.astype(f_raw.dtype), d_ir.astype(i_raw.dtype), d_lb.astype(lb.dtype)
+  return d_fr.astype(f_raw.dtype), d_ir.astype(i_raw.dtype), d_lb.astype(lb.dtype), None
 
 
 input_gates.defvjp(_input_gates_fwd, _input_gates_bwd)

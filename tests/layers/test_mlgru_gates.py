@@ -113,3 +113,64 @@ def test_output_gate_kernel_under_a_mesh():
     got = _output_grads(True, jax.device_put(g, rows), jax.device_put(h, rows), scale, w[0])
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)  # float32; different summation orders
+
+
+def _input_grads(kernel, fr, ir, lb, resets, w):
+  def fn(fr_, ir_, lb_):
+    f, i = mg.input_gates(fr_, ir_, lb_, resets, kernel)
+    return jnp.sum(f.astype(w[0].dtype) * w[0]) + jnp.sum(i.astype(w[1].dtype) * w[1])
+  return jax.jit(jax.grad(fn, argnums=(0, 1, 2)))(fr, ir, lb)
+
+
+def _resets(rng, shape):
+  return jnp.asarray(rng.uniform(size=shape[:-1]) < 0.2)
+
+
+def test_input_gates_resets_zero_f():
+  rng = np.random.default_rng()
+  (fr, ir, _), lb, _, _ = _inputs(rng, (3, 5, 8), jnp.float32)
+  resets = _resets(rng, fr.shape)
+  f, i = mg.input_gates(fr, ir, lb, resets)
+  f_all, i_all = mg.input_gates(fr, ir, lb)
+  np.testing.assert_array_equal(f, jnp.where(resets[..., None], 0.0, f_all))
+  np.testing.assert_array_equal(i, i_all)
+
+
+def test_input_gates_kernel_backward_float64(x64):
+  """The backward kernel (interpret mode here; rows of 40 = 32 + 8: two pieces) against the XLA backward, with
+  resets (f and its cotangent zeroed there) and without."""
+  rng = np.random.default_rng()
+  (fr, ir, _), lb, _, w = _inputs(rng, (3, 5, 40), jnp.float64)
+  for resets in (None, _resets(rng, fr.shape)):
+    for a, b in zip(_input_grads(True, fr, ir, lb, resets, w), _input_grads(False, fr, ir, lb, resets, w)):
+      assert a.shape == b.shape and a.dtype == b.dtype
+      np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_input_gates_kernel_backward_bfloat16():
+  """bf16 inputs: the same float32 formulas per element, each output rounded once to bf16 (one ulp: the
+  sigmoids' and products' float32 rounding may differ), lb's cotangent (float32 sums over 28 rows) to summation
+  order relative to the largest term."""
+  rng = np.random.default_rng()
+  (fr, ir, _), lb, _, w = _inputs(rng, (4, 7, 64), jnp.bfloat16)
+  resets = _resets(rng, fr.shape)
+  for a, b in zip(_input_grads(True, fr, ir, lb, resets, w), _input_grads(False, fr, ir, lb, resets, w)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    a, b = np.float32(a), np.float32(b)
+    np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-5 * np.abs(b).max())
+
+
+def test_input_gates_kernel_under_a_mesh():
+  """Per device on its rows; lb's per-program sums summed over every device's rows."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rng = np.random.default_rng()
+  (fr, ir, _), lb, _, w = _inputs(rng, (8, 4, 32), jnp.float32)
+  resets = _resets(rng, fr.shape)
+  want = _input_grads(False, fr, ir, lb, resets, w)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    rows = NamedSharding(mesh, P(sharding.BATCH, None, None))
+    got = _input_grads(True, jax.device_put(fr, rows), jax.device_put(ir, rows), lb, resets, w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)  # float32; different summation orders
