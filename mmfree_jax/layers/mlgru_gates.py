@@ -12,8 +12,8 @@ recompute the rest in one element-wise pass per direction, behind an optimizatio
 the recomputed float32 f with the forward's and kept it, 2 bytes per element more than the VJP's residuals
 (benchmarks/README.md, log item 44). The output gate's backward, two row reductions and the element-wise
 outputs, takes three passes in XLA's fusions; `output_gate(..., kernel=True)` runs it as one GPU kernel
-(`gate_kernel`; item 45). Same values as the references up to float32 rounding order
-(`tests/layers/test_mlgru_gates.py`).
+(`gate_kernel`; item 45), and `input_gates(..., kernel=True)` the input gates' backward (item 47). Same
+values as the references up to float32 rounding order (`tests/layers/test_mlgru_gates.py`).
 """
 
 import functools
