@@ -22,6 +22,7 @@ Off GPUs the kernels run in Pallas' interpret mode (tests); under a mesh each de
 width whole, and the per-program sums leave the devices as rows, summed over all of them outside.
 """
 
+# pylint: disable=protected-access
 import functools
 
 import jax
@@ -29,44 +30,44 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mmfree_jax.layers import bitlinear_kernel as bk
+from mmfree_jax.layers import bitlinear_kernel as bk  # its row tiling and helpers
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers import pallas_util
 
 
 def _kernel(g_ref, h_ref, do_ref, w_ref, dg_ref, dh_ref, dw_ref, *, eps):
   n_rows, k = g_ref.shape
-  pieces = bk._pieces(k)  # pylint: disable=protected-access
+  pieces = bk._pieces(k)
   w = [w_ref[pl.ds(o, m)] for o, m in pieces]
 
   def visit(dw, r0, rows):
-    g, h, do = (bk._load(ref, r0, rows, pieces) for ref in (g_ref, h_ref, do_ref))  # pylint: disable=protected-access
-    ghat, rstd = bk._stats(g, k, eps)  # pylint: disable=protected-access
-    s = [bk._sigmoid(v) for v in h]  # pylint: disable=protected-access
+    g, h, do = (bk._load(ref, r0, rows, pieces) for ref in (g_ref, h_ref, do_ref))
+    ghat, rstd = bk._stats(g, k, eps)
+    s = [bk._sigmoid(v) for v in h]
     dgn = [d * v * u for d, v, u in zip(do, h, s)]  # do * silu(h)
     dghat = [a * c[None] for a, c in zip(dgn, w)]
-    mean = bk._row_sum([a * b for a, b in zip(dghat, ghat)]) / k  # pylint: disable=protected-access
+    mean = bk._row_sum([a * b for a, b in zip(dghat, ghat)]) / k
     for (o, m), a, b, d, v, u, c in zip(pieces, dghat, ghat, do, h, s, w):
       dg_ref[pl.ds(r0, rows), pl.ds(o, m)] = (rstd * (a - b * mean)).astype(dg_ref.dtype)
       dh_ref[pl.ds(r0, rows), pl.ds(o, m)] = (d * b * c[None] * u * (1.0 + v * (1.0 - u))).astype(dh_ref.dtype)
     return [acc + jnp.sum(a * b, axis=0) for acc, a, b in zip(dw, dgn, ghat)]
 
-  dw = bk._walk_tiles(n_rows, k, visit, [jnp.zeros((m,), w_ref.dtype) for _, m in pieces])  # pylint: disable=protected-access
+  dw = bk._walk_tiles(n_rows, k, visit, [jnp.zeros((m,), w_ref.dtype) for _, m in pieces])
   for (o, m), v in zip(pieces, dw):
     dw_ref[pl.program_id(0), pl.ds(o, m)] = v
 
 
 def _input_kernel(fr_ref, ir_ref, df_ref, di_ref, lb_ref, keep_ref, dfr_ref, dir_ref, dlb_ref):
   n_rows, k = fr_ref.shape
-  pieces = bk._pieces(k)  # pylint: disable=protected-access
+  pieces = bk._pieces(k)
   lb = [lb_ref[pl.ds(o, m)][None] for o, m in pieces]
 
   def visit(dlb, r0, rows):
-    fr, ir, df, di = (bk._load(r, r0, rows, pieces) for r in (fr_ref, ir_ref, df_ref, di_ref))  # pylint: disable=protected-access
+    fr, ir, df, di = (bk._load(r, r0, rows, pieces) for r in (fr_ref, ir_ref, df_ref, di_ref))
     keep = keep_ref[pl.ds(r0, rows)].astype(fr[0].dtype)[:, None]
     out = []
     for (o, m), a, b, d, e, w, acc in zip(pieces, fr, ir, df, di, lb, dlb):
-      sf, si = bk._sigmoid(a), bk._sigmoid(b)  # pylint: disable=protected-access
+      sf, si = bk._sigmoid(a), bk._sigmoid(b)
       d = d * keep - e * (b * si)
       dfr_ref[pl.ds(r0, rows), pl.ds(o, m)] = (d * (1.0 - w) * sf * (1.0 - sf)).astype(dfr_ref.dtype)
       f = w + (1.0 - w) * sf
@@ -74,14 +75,14 @@ def _input_kernel(fr_ref, ir_ref, df_ref, di_ref, lb_ref, keep_ref, dfr_ref, dir
       out.append(acc + jnp.sum(d * (1.0 - sf), axis=0))
     return out
 
-  dlb = bk._walk_tiles(n_rows, k, visit, [jnp.zeros((m,), lb_ref.dtype) for _, m in pieces])  # pylint: disable=protected-access
+  dlb = bk._walk_tiles(n_rows, k, visit, [jnp.zeros((m,), lb_ref.dtype) for _, m in pieces])
   for (o, m), v in zip(pieces, dlb):
     dlb_ref[pl.program_id(0), pl.ds(o, m)] = v
 
 
 def _input_rows(fr, ir, df, di, lb, keep):
   n_rows, k = fr.shape
-  n_prog = bk._geometry(n_rows, k)[2]  # pylint: disable=protected-access
+  n_prog = bk._geometry(n_rows, k)[2]
   acc = dtypes.accum(fr.dtype)
   shapes = (jax.ShapeDtypeStruct(fr.shape, fr.dtype), jax.ShapeDtypeStruct(ir.shape, ir.dtype),
             jax.ShapeDtypeStruct((n_prog, k), acc))
@@ -89,7 +90,7 @@ def _input_rows(fr, ir, df, di, lb, keep):
       _input_kernel, out_shape=shapes, grid=(n_prog,), name="input_gates_backward",
       in_specs=[pl.BlockSpec()] * 6, out_specs=[pl.BlockSpec()] * 3,  # whole arrays: programs index their rows
       interpret=pallas_util.interpret(),
-      compiler_params=plgpu.CompilerParams(num_warps=bk._num_warps(k, 2)),  # pylint: disable=protected-access
+      compiler_params=plgpu.CompilerParams(num_warps=bk._num_warps(k, 2)),
   )(fr, ir, df.astype(fr.dtype), di.astype(fr.dtype), lb.astype(acc), keep.astype(acc))
 
 
@@ -113,7 +114,7 @@ def input_gates_backward(f_raw, i_raw, lb, df, di, keep=None):
 
 def _backward_rows(g, h, do, scale, eps):
   n_rows, k = g.shape
-  n_prog = bk._geometry(n_rows, k)[2]  # pylint: disable=protected-access
+  n_prog = bk._geometry(n_rows, k)[2]
   acc = dtypes.accum(g.dtype)
   shapes = (jax.ShapeDtypeStruct(g.shape, g.dtype), jax.ShapeDtypeStruct(h.shape, h.dtype),
             jax.ShapeDtypeStruct((n_prog, k), acc))
@@ -121,7 +122,7 @@ def _backward_rows(g, h, do, scale, eps):
       functools.partial(_kernel, eps=eps), out_shape=shapes, grid=(n_prog,), name="output_gate_backward",
       in_specs=[pl.BlockSpec()] * 4, out_specs=[pl.BlockSpec()] * 3,  # whole arrays: programs index their rows
       interpret=pallas_util.interpret(),
-      compiler_params=plgpu.CompilerParams(num_warps=bk._num_warps(k, 2)),  # pylint: disable=protected-access
+      compiler_params=plgpu.CompilerParams(num_warps=bk._num_warps(k, 2)),
   )(g, h, do.astype(g.dtype), scale.astype(acc))
   return dg, dh, dw
 
