@@ -60,10 +60,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
   it are the parameters' (accumulated in the parameters' float32).
   `per_layer`: the gradient is taken with respect to each layer matrix's per-layer slices (`split_layers`; the
   loss stacks them again, and XLA cancels the slicing of the stack), accumulated per layer and stacked once after
-  the last micro-batch. With the weight view and the layers unrolled, the view's per-layer slices are then made
-  once per step, before the micro-batch loop, which reads them in place (inside the loop, slices of the view are
-  copies, once per micro-batch), and each layer's gradient is added where it is produced (benchmarks/README.md,
-  log items 41-43). The same sums, the same bits.
+  the last micro-batch; where a layer's gradients of all the micro-batches take no more memory than their float32
+  sum (bf16 gradients, 2 micro-batches), the micro-batch loop returns them and they are summed, in order, in the
+  pass that stacks them, instead of added to a zero-filled accumulator (log item 48). With the weight view and the
+  layers unrolled, the view's per-layer slices are then made once per step, before the micro-batch loop, which
+  reads them in place (inside the loop, slices of the view are copies, once per micro-batch), and each layer's
+  gradient is added (or kept) where it is produced (benchmarks/README.md, log items 41-43 and 48). The same sums,
+  the same bits.
   """
   view, apply_kwargs = weight_view or ((lambda p: p), {})
   split = split_layers if per_layer else (lambda t: t)
@@ -71,14 +74,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
 
   def train_step(state: TrainState, batch):
     read = split(view(state.params))
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+    # The float32 sums (`accs`) and the gradients of one micro-batch, as shapes; the `kept` leaves' gradients of
+    # all the micro-batches take no more memory than their sums: the micro-batch loop returns them.
+    accs, tree = jax.tree.flatten(jax.eval_shape(
+        lambda p: split(jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), p)), state.params))
+    shapes = tree.flatten_up_to(jax.eval_shape(grad_fn, read, jax.tree.map(lambda x: x[0], batch))[1])
+    kept = [per_layer and s.dtype.itemsize * n_micro <= a.dtype.itemsize for s, a in zip(shapes, accs)]
 
     def micro(carry, mb):
       g_acc, l_acc, w_acc = carry
       (l, w), g = grad_fn(read, mb)
-      return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), l_acc + l, w_acc + w), None
+      g = tree.flatten_up_to(g)
+      g_acc = [a + b.astype(a.dtype) for a, b in zip(g_acc, [b for b, k in zip(g, kept) if not k])]
+      return (g_acc, l_acc + l, w_acc + w), [b for b, k in zip(g, kept) if k]
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
-    (grads, loss_sum, weight), _ = jax.lax.scan(micro, (split(zeros), 0.0, 0.0), batch)
+    zeros = [jnp.zeros(a.shape, a.dtype) for a, k in zip(accs, kept) if not k]
+    (carried, loss_sum, weight), outs = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    carried, outs = iter(carried), iter(outs)
+    grads = tree.unflatten([_sum_in_order(next(outs), a.dtype) if k else next(carried) for a, k in zip(accs, kept)])
     if per_layer:  # stacked into memory first: fused into the optimizer's reductions, the stacking ran 3x slower
       grads = jax.lax.optimization_barrier(stack_layers(grads))
     denom = jnp.maximum(weight, 1.0)
@@ -96,6 +110,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     return new_state, metrics
 
   return train_step
+
+
+def _sum_in_order(stacked, dtype):
+  """`stacked[0] + stacked[1] + ...` in `dtype`, in order: the bits of adding each to a zero accumulator."""
+  total = stacked[0].astype(dtype)
+  for i in range(1, stacked.shape[0]):
+    total = total + stacked[i].astype(dtype)
+  return total
 
 
 def make_eval_step(model: nn.Module):

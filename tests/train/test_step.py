@@ -42,8 +42,11 @@ def _run(prog, **variant):
   return jax.tree.leaves(state), metrics
 
 
-def test_view_and_per_layer_accumulation_are_bit_identical():
-  prog = _program(unroll_layers=2, quantize_weights_once=True)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_view_and_per_layer_accumulation_are_bit_identical(dtype):
+  """float32: every layer gradient is added to an accumulator; bfloat16: the per-layer ones of the 2 micro-batches
+  are kept and summed after the loop (`make_train_step`'s `kept`)."""
+  prog = _program(unroll_layers=2, quantize_weights_once=True, dtype=dtype)
   with prog.context:
     want, want_metrics = _run(prog)
     got, got_metrics = _run(prog, weight_view=weight_view(prog.model_cfg), per_layer=True)
