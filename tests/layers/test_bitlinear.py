@@ -11,6 +11,15 @@ from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers.norm import rms_normalize
 
 
+@pytest.fixture(params=["one_pass", "two_pass"])
+def backward_walk(request, monkeypatch):
+  """The kernel's backward as one pass over whole rows, or (every row treated as wide) two over column chunks."""
+  if request.param == "two_pass":
+    from mmfree_jax.layers import bitlinear_kernel as bk  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(bk, "TWO_PASS_WIDTH", 0)
+  return request.param
+
+
 def np_reference(x, g, w, eps=1e-6):
   """The spec's BitLinear in float64 NumPy: returns (out, y, y_q, W_q, q_x int, q_w int)."""
   x, g, w = (np.asarray(a, np.float64) for a in (x, g, w))
@@ -187,7 +196,7 @@ def test_group_needs_one_norm_scale_per_kernel():
     bl.bitlinear_group(jnp.ones((1, 4)), [jnp.ones(4)] * 2, [jnp.ones((4, 2))] * 3, impl="pallas")
 
 
-def test_kernel_bfloat16_rows_and_widths_match_vanilla():
+def test_kernel_bfloat16_rows_and_widths_match_vanilla(backward_walk):
   """The GPU kernel (interpret mode here) on bf16 inputs: odd rows, a width of three power-of-two pieces."""
   rng = np.random.default_rng()
   x = jnp.asarray(rng.normal(size=(3, 7, 352)), jnp.bfloat16)  # 21 rows; 352 = 256 + 64 + 32
@@ -209,7 +218,7 @@ def test_kernel_bfloat16_rows_and_widths_match_vanilla():
 
 
 @pytest.mark.parametrize("rows", [(8, 4), (3, 5)])
-def test_kernel_under_a_mesh_matches_vanilla(rows):
+def test_kernel_under_a_mesh_matches_vanilla(rows, backward_walk):
   """Under a (data, fsdp, tensor) mesh the kernel runs per device on its rows; dg sums over devices. Rows that
   the 4 data-parallel devices do not divide (15) stay whole on each device, and dg is counted once."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -346,7 +355,7 @@ def test_quantize_stacked_one_scale_per_layer_matrix():
   assert out["params"]["other"]["kernel"] is w and out["params"]["norm"]["scale"] is tree["params"]["norm"]["scale"]
 
 
-def test_glu_input_equals_swiglu_then_the_layer():
+def test_glu_input_equals_swiglu_then_the_layer(backward_walk):
   """`glu_input=True` (swiglu and its backward inside the activation kernel; interpret mode here) against swiglu
   in XLA followed by the layer, for both kernel impls: value and gradients in gu, g and W, the same bits in bf16
   (the kernel rounds h and h's cotangent where `swiglu` rounds them). The float64 model-level test
@@ -368,6 +377,28 @@ def test_glu_input_equals_swiglu_then_the_layer():
     for r, k in zip(jax.tree.leaves(grads(impl, False)), jax.tree.leaves(grads(impl, True))):
       assert r.dtype == k.dtype and r.shape == k.shape
       np.testing.assert_array_equal(np.asarray(k, np.float32), np.asarray(r, np.float32), err_msg=impl)
+
+
+@pytest.mark.parametrize("glu, n", [(False, 1), (False, 3), (True, 1)])
+def test_two_pass_backward_equals_one_pass_float64(x64, glu, n, monkeypatch):
+  """The two-pass backward (wide rows) against the one-pass one in float64: the same formulas, the row sums in
+  another order and mean(dxhat xhat) as rstd sum(dxhat h) / K. Rows of 160 = 128 + 32 (chunks of 32); 12 rows,
+  programs of 4."""
+  from mmfree_jax.layers import bitlinear_kernel as bk  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng()
+  k = 160
+  x = jnp.asarray(rng.normal(size=(12, 2, k) if glu else (12, k)) * 2, jnp.float64)
+  gs = jnp.asarray(rng.uniform(0.5, 1.5, (n, k)), jnp.float64)
+  dys = [jnp.asarray(rng.normal(size=(12, k)), jnp.float64) for _ in range(n)]
+  loss = lambda x_, g_: sum(jnp.sum(y * d) for y, d in zip(bk.quantized_inputs(x_, g_, 1e-6, glu), dys))
+  grads = lambda: jax.jit(jax.grad(loss, argnums=(0, 1)))(x, gs)
+  want = grads()
+  monkeypatch.setattr(bk, "TWO_PASS_WIDTH", 0)
+  monkeypatch.setattr(bk, "TWO_PASS_ROWS", 4)
+  monkeypatch.setattr(bk, "TWO_PASS_CHUNK", 32)
+  got = grads()
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * float(np.abs(w).max()))
 
 
 def test_glu_input_needs_a_kernel_impl():
