@@ -10,6 +10,8 @@ recomputing rstd and xhat from x. XLA spends each direction in several fusions (
 for the absmax, an element-wise pass, float32 intermediates written out); here each program walks `ROWS_PER_PROGRAM`
 rows in tiles of `TILE_ELEMS` elements (whole rows: the reductions stay in the tile), reading each element once and
 writing each result once. The backward's dg is accumulated per program and summed over programs by XLA.
+The backward of rows wider than a tile (the GLU's [gate, up] rows) walks column chunks twice instead, row sums then
+outputs, so that many rows are in flight per SM (`_backward_two_pass_kernel`).
 
 A row of any width K is handled as power-of-two pieces (K's binary digits), so no load is masked. Off GPUs the
 kernels run in Pallas' interpret mode (tests); under a mesh each device runs them on its rows
