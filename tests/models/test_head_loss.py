@@ -7,6 +7,7 @@ import pytest
 
 from mmfree_jax.models import build_model, head_loss
 from mmfree_jax.train import step
+from tests.models import compiled
 
 CASES = [("hgrn_bit", {}), ("transformer", {}), ("transformer", {"tie_embeddings": True})]
 
@@ -25,14 +26,14 @@ def _batch(rng, b=3, t=16, vocab=97):
 def test_chunked_loss_and_gradients_equal_the_whole_float64(x64, arch, extra):
   rng = np.random.default_rng()
   batch = _batch(rng)
-  whole = build_model(_cfg(arch, extra, dtype="float64", param_dtype="float64"))
-  chunked = build_model(_cfg(arch, extra, dtype="float64", param_dtype="float64", loss_chunk=4))
-  params = jax.jit(whole.init)(jax.random.key(int(rng.integers(1 << 30))), batch["inputs"])
+  whole_cfg = _cfg(arch, extra, dtype="float64", param_dtype="float64")
+  chunked_cfg = dict(whole_cfg, loss_chunk=4)
+  whole, chunked = build_model(whole_cfg), build_model(chunked_cfg)
+  params = compiled.init(whole_cfg, jax.random.key(int(rng.integers(1 << 30))))
   # Same parameter tree: checkpoints move freely between the two settings.
   shapes = jax.eval_shape(chunked.init, jax.random.key(0), batch["inputs"])
   assert jax.tree.structure(shapes) == jax.tree.structure(params)
-  grad = lambda m: jax.jit(jax.value_and_grad(lambda p: step.loss_sums(m, p, batch)[0]))(params)
-  (l0, g0), (l1, g1) = grad(whole), grad(chunked)
+  (l0, g0), (l1, g1) = (compiled.loss_and_grads(c, params, batch) for c in (whole_cfg, chunked_cfg))
   # Only the order of the float64 additions differs.
   np.testing.assert_allclose(l1, l0, rtol=1e-12)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):

@@ -8,15 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmfree_jax.models import build_model
-from tests.models import numpy_reference
+from mmfree_jax.models import build_model, model_config
+from tests.models import compiled, numpy_reference
 
 TINY = dict(arch="hgrn_bit", vocab_size=97, d_model=32, n_layers=3, d_ff=64, remat="none")
 
 
-def _perturbed_params(model, tokens, seed=0):
-  """Init, then perturb every norm scale and the lower bounds so that nothing sits at its init value."""
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens))
+def _perturbed_params(cfg, seed=0):
+  """Init (one compiled init per model, `compiled.init`), then perturb every norm scale and the lower bounds so that
+  nothing sits at its init value."""
+  params = nn.unbox(compiled.init(cfg, jax.random.key(seed)))
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   leaves = [v + 0.3 * jax.random.normal(k, v.shape, v.dtype) if v.ndim <= 2 and v.shape[-1] <= 64 and v.ndim
@@ -24,11 +25,20 @@ def _perturbed_params(model, tokens, seed=0):
   return jax.tree.unflatten(tree, leaves)
 
 
+@functools.cache
+def _loss_and_grads(cfg):
+  """value_and_grad of the summed log-probability of token 0, jitted once per model config (shared by the tests
+  below: the vanilla model's is compiled once), with the tokens an argument."""
+  model = build_model(cfg)
+  return jax.jit(jax.value_and_grad(lambda p, tokens: jnp.sum(jax.nn.log_softmax(model.apply(p, tokens))[..., 0])))
+
+
 @pytest.mark.parametrize("bitlinear", ["fused", "vanilla", "pallas_fused"])
 def test_forward_matches_numpy_reference_float64(x64, bitlinear):
-  model = build_model(dict(TINY, dtype="float64", param_dtype="float64", bitlinear=bitlinear))
+  cfg = dict(TINY, dtype="float64", param_dtype="float64", bitlinear=bitlinear)
+  model = build_model(cfg)
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
-  params = _perturbed_params(model, tokens)
+  params = _perturbed_params(cfg)
   logits = np.asarray(model.apply(params, tokens))
   ref_params = numpy_reference.from_flax(params, TINY["n_layers"])
   for row in range(tokens.shape[0]):
@@ -42,12 +52,10 @@ def test_kernel_paths_gradients_equal_vanilla_float64(x64):
   vanilla layers, in float64."""
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
   cfg = dict(TINY, dtype="float64", param_dtype="float64")
-  params = _perturbed_params(build_model(dict(cfg, bitlinear="vanilla")), tokens)
+  params = _perturbed_params(dict(cfg, bitlinear="vanilla"))
 
   def grads(bitlinear, down_bitlinear=""):
-    model = build_model(dict(cfg, bitlinear=bitlinear, down_bitlinear=down_bitlinear))
-    loss = lambda p: jnp.sum(jax.nn.log_softmax(model.apply(p, tokens))[..., 0])
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return _loss_and_grads(model_config(dict(cfg, bitlinear=bitlinear, down_bitlinear=down_bitlinear)))(params, tokens)
 
   ref_loss, ref = grads("vanilla")
   # pallas_fused everywhere, and pallas_fused with the GLU's down projection on pallas (its own impl).
@@ -70,15 +78,14 @@ def test_weights_quantized_once_same_loss_and_gradients_float64(x64):
   for a, b in zip(jax.tree.leaves(init_once), jax.tree.leaves(init_per_use)):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(a, b)
-  params = _perturbed_params(per_use, tokens)
+  params = _perturbed_params(cfg)
 
-  def grads(model):
-    loss = lambda p: jnp.sum(jax.nn.log_softmax(model.apply(p, tokens))[..., 0])
-    return jax.jit(jax.value_and_grad(loss))(params)
+  def grads(model_cfg):
+    return _loss_and_grads(model_config(model_cfg))(params, tokens)
 
-  ref_loss, ref = grads(per_use)
-  for model in (once, build_model(dict(cfg, bitlinear="pallas_fused", quantize_weights_once=True))):
-    loss, got = grads(model)
+  ref_loss, ref = grads(cfg)
+  for other in (dict(cfg, quantize_weights_once=True), dict(cfg, bitlinear="pallas_fused", quantize_weights_once=True)):
+    loss, got = grads(other)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       assert a.dtype == b.dtype
@@ -90,7 +97,7 @@ def test_weights_quantized_once_bfloat16_logits_equal():
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
   cfg = dict(TINY, dtype="bfloat16", bitlinear="vanilla")
   per_use, once = build_model(cfg), build_model(dict(cfg, quantize_weights_once=True))
-  params = _perturbed_params(per_use, tokens, seed=np.random.randint(1 << 20))
+  params = _perturbed_params(cfg, seed=np.random.randint(1 << 20))
   np.testing.assert_array_equal(jax.jit(once.apply)(params, tokens), jax.jit(per_use.apply)(params, tokens))
 
 
@@ -109,7 +116,7 @@ def test_causal(arch):
   model = build_model(cfg)
   key = jax.random.key(np.random.randint(1 << 30))
   tokens = jax.random.randint(key, (2, 16), 0, 97)
-  params = jax.jit(model.init)(jax.random.key(1), tokens)
+  params = compiled.init(cfg, jax.random.key(1))
   t = 9
   changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % 97)
   apply = jax.jit(model.apply)
@@ -120,9 +127,10 @@ def test_causal(arch):
 
 @pytest.mark.parametrize("impl", ["sequential", "associative", "chunked"])
 def test_two_halves_with_carried_state_equal_whole(x64, impl):
-  model = build_model(dict(TINY, dtype="float64", param_dtype="float64", scan_impl=impl, scan_chunk=4))
+  cfg = dict(TINY, dtype="float64", param_dtype="float64", scan_impl=impl, scan_chunk=4)
+  model = build_model(cfg)
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 14), 0, 97)
-  params = jax.jit(model.init)(jax.random.key(0), tokens)
+  params = compiled.init(cfg, jax.random.key(0))
   apply = jax.jit(functools.partial(model.apply, return_state=True))  # compiled: op by op is slower here
   whole, state = apply(params, tokens)
   first, mid = apply(params, tokens[:, :6])
@@ -134,8 +142,9 @@ def test_two_halves_with_carried_state_equal_whole(x64, impl):
 
 def test_int8_mode_matches_fake_quant():
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 12), 0, 97)
-  fused = build_model(dict(TINY, dtype="float32", bitlinear="fused"))
-  params = jax.jit(fused.init)(jax.random.key(0), tokens)
+  cfg = dict(TINY, dtype="float32", bitlinear="fused")
+  fused = build_model(cfg)
+  params = compiled.init(cfg, jax.random.key(0))
   a = jax.jit(fused.apply)(params, tokens)
   b = jax.jit(build_model(dict(TINY, dtype="float32", bitlinear="int8")).apply)(params, tokens)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -143,10 +152,11 @@ def test_int8_mode_matches_fake_quant():
 
 def test_segments_reset_the_state(x64):
   """A packed row of two documents gives the same logits as each document alone."""
-  model = build_model(dict(TINY, dtype="float64", param_dtype="float64"))
+  cfg = dict(TINY, dtype="float64", param_dtype="float64")
+  model = build_model(cfg)
   key = jax.random.key(np.random.randint(1 << 30))
   doc_a, doc_b = jax.random.randint(key, (1, 7), 0, 97), jax.random.randint(jax.random.fold_in(key, 1), (1, 5), 0, 97)
-  params = jax.jit(model.init)(jax.random.key(0), doc_a)
+  params = compiled.init(cfg, jax.random.key(0))
   apply = jax.jit(model.apply)
   packed = jnp.concatenate([doc_a, doc_b], 1)
   seg = jnp.array([[1] * 7 + [2] * 5])

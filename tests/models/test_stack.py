@@ -5,22 +5,21 @@ import numpy as np
 import pytest
 from jax._src import ad_checkpoint
 
-from mmfree_jax.models import build_model, stack
-from mmfree_jax.train import step
+from mmfree_jax.models import stack
+from tests.models import compiled
 from tests.models.test_head_loss import _batch, _cfg
 
 
 @pytest.mark.parametrize("arch,change", [("hgrn_bit", "remat"), ("transformer", "remat"), ("hgrn_bit", "unroll")])
 def test_save_proj_and_unrolling_keep_loss_and_gradients_float64(x64, arch, change):
   # save_proj: the preset policy (the others are jax.checkpoint_policies' own); unroll: the layer loop unrolled.
+  # The plain model's init and gradient are the ones test_head_loss compiles (tests/models/compiled.py).
   rng = np.random.default_rng()
   batch = _batch(rng)
-  plain = build_model(_cfg(arch, {}, dtype="float64", param_dtype="float64"))
-  other = dict(remat="save_proj", unroll_layers=1 if change == "remat" else 99)
-  changed = build_model(dict(_cfg(arch, {}, dtype="float64", param_dtype="float64"), **other))
-  params = jax.jit(plain.init)(jax.random.key(int(rng.integers(1 << 30))), batch["inputs"])
-  grad = lambda m: jax.jit(jax.value_and_grad(lambda p: step.loss_sums(m, p, batch)[0]))(params)
-  (l0, g0), (l1, g1) = grad(plain), grad(changed)
+  plain = _cfg(arch, {}, dtype="float64", param_dtype="float64")
+  changed = dict(plain, remat="save_proj", unroll_layers=1 if change == "remat" else 99)
+  params = compiled.init(plain, jax.random.key(int(rng.integers(1 << 30))))
+  (l0, g0), (l1, g1) = (compiled.loss_and_grads(c, params, batch) for c in (plain, changed))
   # Recomputation repeats the same float64 operations; only XLA's fusion choices may reorder a sum.
   np.testing.assert_allclose(l1, l0, rtol=1e-12)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -64,9 +65,9 @@ def test_empty_and_corrupt_data(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_workdir_of_a_different_model(tmp_path):
+def test_workdir_of_a_different_model(reference, tmp_path):
   workdir = str(tmp_path / "run")
-  train(_config(**{"train.steps": 2, "eval.batches": 0}), workdir)
+  shutil.copytree(reference, workdir)  # a real run's workdir (tests/train/conftest.py): tu.SMALL's model, trained
   before = open(os.path.join(workdir, "config.json")).read()
   listing = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(ValueError, match="different model .*d_model.*new --workdir"):

@@ -11,15 +11,9 @@ from tests.train import trainer_util as tu
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """One uninterrupted float32 run on one device: the run every interrupted run must reproduce."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  proc = tu.run(workdir, {"train.steps": 12, "train.sample_tokens": 16, "train.sample_temperature": 0.8})
-  with open(os.path.join(workdir, "stdout.txt"), "w") as f:
-    f.write(proc.stdout)
-  return workdir
+# `reference` (tests/train/conftest.py): one uninterrupted float32 run on one device, the run every interrupted
+# run must reproduce. Runs of its config load its compiled programs from the session's compilation cache
+# (`trainer_util.XLA_CACHE`).
 
 
 def test_writes_metrics_checkpoints_and_summary(reference):
@@ -102,8 +96,8 @@ def test_sharded_mesh_matches_one_device_float64(tmp_path):
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
   over = {**tu.FLOAT64, "train.steps": 4, "checkpoint.every_steps": 0, "eval.every_steps": 0,
           "model.bitlinear": "pallas", "model.scan_impl": "pallas", "model.quantize_weights_once": True}
-  tu.run(one, over, x64=True)
-  tu.run(eight, {**over, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, devices=8, x64=True)
+  tu.run_together(tu.job(one, over, x64=True),
+                  tu.job(eight, {**over, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, devices=8, x64=True))
   la, lb = tu.losses(one), tu.losses(eight)
   assert la.keys() == lb.keys() == {1, 2, 3, 4}
   for s in la:
@@ -113,8 +107,8 @@ def test_sharded_mesh_matches_one_device_float64(tmp_path):
 
 def test_grad_accumulation_matches_one_big_batch_float64(tmp_path):
   one, four = str(tmp_path / "one"), str(tmp_path / "four")
-  over = {**tu.FLOAT64, "train.steps": 3, "checkpoint.every_steps": 0, "eval.every_steps": 0}
-  tu.run(one, over, x64=True)
-  tu.run(four, {**over, "train.grad_accum": 4}, x64=True)
+  # Only the training losses are compared: no held-out evaluation (nor its compilation) in either run.
+  over = {**tu.FLOAT64, "train.steps": 3, "checkpoint.every_steps": 0, "eval.every_steps": 0, "eval.batches": 0}
+  tu.run_together(tu.job(one, over, x64=True), tu.job(four, {**over, "train.grad_accum": 4}, x64=True))
   for s, l in tu.losses(one).items():
     np.testing.assert_allclose(tu.losses(four)[s], l, rtol=1e-10)

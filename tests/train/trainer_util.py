@@ -1,9 +1,12 @@
 """Running the real trainer (`python -m experiments.train`) in subprocesses, and reading what it wrote."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -18,15 +21,25 @@ SMALL = {
 }
 FLOAT64 = {"model.dtype": "float64", "model.param_dtype": "float64"}
 
+# One persistent XLA compilation cache shared by the trainer subprocesses of a test session: a run that repeats or
+# resumes an earlier run's config loads the executables that run compiled instead of compiling them again (most of a
+# tiny run's time; programs that compile in under half a second are not stored). It only ever returns the executable
+# compiled from the same program, so what the runs compute, bit for bit, is unchanged; a program that differs
+# (another config, mesh or device count) misses and is compiled.
+XLA_CACHE = tempfile.mkdtemp(prefix="mmfree_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+
 
 def command(workdir: str, overrides: dict, config: str = "experiments/configs/tiny.py") -> list[str]:
   args = [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={workdir}"]
   return args + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def env(devices: int = 1, x64: bool = False) -> dict:
+def env(devices: int = 1, x64: bool = False, cache: bool = True) -> dict:
   e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
            PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+  if cache:
+    e.update(JAX_COMPILATION_CACHE_DIR=XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   if x64:
     e["JAX_ENABLE_X64"] = "1"
   return e
@@ -39,6 +52,37 @@ def run(workdir: str, overrides: dict | None = None, devices: int = 1, x64: bool
   if check and proc.returncode != 0:
     raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return proc
+
+
+def job(workdir: str, overrides: dict | None = None, devices: int = 1, x64: bool = False) -> tuple[list[str], dict]:
+  """A run's command and environment for `run_together`: without the compilation cache, as runs at once would compile
+  and store the same programs at the same time."""
+  return command(workdir, {**SMALL, **(overrides or {})}), env(devices, x64, cache=False)
+
+
+def run_together(*jobs: tuple[list[str], dict]) -> list[str]:
+  """Independent processes (command, environment) at once; their outputs (stdout and stderr). A tiny run alone leaves
+  part of a multi-core CPU idle (its time is mostly XLA compiling). Raises, as `run` does, if one fails."""
+  procs = []
+  with tempfile.TemporaryDirectory() as logs:
+    try:
+      for i, (cmd, e) in enumerate(jobs):
+        with open(os.path.join(logs, f"{i}.txt"), "w") as out:  # a file, not a pipe: nothing blocks on a full one
+          procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=out, stderr=subprocess.STDOUT, text=True))
+      for p in procs:
+        p.wait(timeout=600)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    outs = []
+    for i, p in enumerate(procs):
+      with open(os.path.join(logs, f"{i}.txt")) as f:
+        outs.append(f.read())
+      if p.returncode != 0:
+        raise AssertionError(f"failed ({p.returncode}): {' '.join(jobs[i][0][1:])}\n{outs[-1][-5000:]}")
+  return outs
 
 
 def start(workdir: str, overrides: dict | None = None, devices: int = 1, x64: bool = False) -> subprocess.Popen:
