@@ -11,7 +11,7 @@ REMAT = ("none", "full", "save_dots", "save_proj")
 # on them and the function only to rounding, so a checkpoint resumes under any of their values (e.g. the presets'
 # ':gpu' configuration of a run started elsewhere).
 IMPLEMENTATION_FIELDS = ("dtype", "scan_impl", "scan_chunk", "bitlinear", "down_bitlinear", "quantize_weights_once",
-                         "attention_impl", "remat", "unroll_layers", "loss_chunk")
+                         "fuse_block_norms", "attention_impl", "remat", "unroll_layers", "loss_chunk")
 
 
 def glu_width(d_model: int) -> int:
@@ -37,6 +37,8 @@ class ModelConfig:
   bitlinear: str = "vanilla"
   down_bitlinear: str = ""  # the GLU down projection's BitLinear impl ("": bitlinear's)
   quantize_weights_once: bool = False  # MatMul-free: the layer stack's weights quantized once per forward pass
+  # MatMul-free: the blocks' RMSNorms (and the add before the GLU's) inside the BitLinear kernels they feed
+  fuse_block_norms: bool = False
   attention_impl: str = "xla"
   remat: str = "full"
   unroll_layers: int = 1  # layers per iteration of the layer loop (nn.scan's unroll; n_layers: no loop)

@@ -49,6 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # MatMul-free: quantize every layer's weights once per forward pass, before the layer loop (not per use; the same
   # values; needs bitlinear vanilla / pallas / pallas_fused / auto)
   m.quantize_weights_once = False
+  # MatMul-free: each block's two RMSNorms (and the residual add before the GLU's) computed inside the activation
+  # kernels of the BitLinears they feed (bitlinear pallas / pallas_fused / auto on GPUs; elsewhere as before)
+  m.fuse_block_norms = False
   m.attention_impl = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   m.remat = "full"  # none | full | save_dots | save_proj (policy of nn.remat around each block)
   m.unroll_layers = 1  # layers per iteration of the layer loop (n_layers: unrolled, no loop; longer compile)

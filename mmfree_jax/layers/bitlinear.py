@@ -41,7 +41,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.layers import dtypes
-from mmfree_jax.layers.norm import rms_normalize
+from mmfree_jax.layers.norm import PreNorm, rms_normalize
 
 IMPLS = ("fused", "int8", "vanilla", "pallas", "pallas_fused", "auto")
 SCALE_FLOOR = 1e-5
@@ -203,6 +203,18 @@ def _kernel_recompute_fwd(x, gs, ws, eps, prequantized, glu=False):
   return outs, (x, gs, ws)
 
 
+def _products_bwd(y_qs, ws, douts, dtype, prequantized):
+  """The GEMMs' backward of each `y_q @ W_q`: (dy_q per product, dW per kernel in its dtype, straight through the
+  weight quantizer)."""
+  dys, dws = [], []
+  for y_q, w, dout in zip(y_qs, ws, douts):
+    _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, dtype), y_q, _weight_operand(w, dtype, prequantized))
+    dy, dw = product_vjp(dout)
+    dys.append(dy)
+    dws.append(dw.astype(w.dtype))
+  return tuple(dys), tuple(dws)
+
+
 def _kernel_recompute_bwd(eps, prequantized, glu, res, douts):
   # The barrier makes the recomputation's operands new values that depend on the cotangents: XLA can then
   # neither merge the forward kernel below with the forward pass's (CSE, which would keep y_q live after all)
@@ -211,17 +223,42 @@ def _kernel_recompute_bwd(eps, prequantized, glu, res, douts):
   # The forward kernel again (y_q), then each product's two GEMMs, then the backward kernel (straight through
   # the activation quantizer): what autodiff of the pallas impl runs, from the input alone.
   y_qs, input_vjp = jax.vjp(lambda x_, g_: _kernel().quantized_inputs(x_, g_, eps, glu), x, gs)
-  dys, dws = [], []
-  for y_q, w, dout in zip(y_qs, ws, douts):
-    _, product_vjp = jax.vjp(lambda a, b: _matmul(a, b, x.dtype), y_q, _weight_operand(w, x.dtype, prequantized))
-    dy, dw = product_vjp(dout)
-    dys.append(dy)
-    dws.append(dw.astype(w.dtype))  # straight through the weight quantizer
-  dx, dgs = input_vjp(tuple(dys))
-  return dx, dgs, tuple(dws)
+  dys, dws = _products_bwd(y_qs, ws, douts, x.dtype, prequantized)
+  dx, dgs = input_vjp(dys)
+  return dx, dgs, dws
 
 
 _kernel_recompute.defvjp(_kernel_recompute_fwd, _kernel_recompute_bwd)
+
+
+def _prenorm():
+  from mmfree_jax.layers import prenorm_kernel  # pylint: disable=g-import-not-at-top  (it imports this module)
+  return prenorm_kernel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _prenorm_recompute(x, residual, w_pre, gs, ws, eps_pre, eps, prequantized):
+  """`_kernel_recompute` with the block's norm (and residual add) in the kernel: (stream, outputs); saves only
+  the stream, and recomputes the quantized inputs from it in the backward pass."""
+  return _prenorm_recompute_fwd(x, residual, w_pre, gs, ws, eps_pre, eps, prequantized)[0]
+
+
+def _prenorm_recompute_fwd(x, residual, w_pre, gs, ws, eps_pre, eps, prequantized):
+  h, y_qs = _prenorm().prenormed_inputs(x, residual, w_pre, gs, eps_pre, eps)
+  outs = tuple(_matmul(y, _weight_operand(w, x.dtype, prequantized), x.dtype) for y, w in zip(y_qs, ws))
+  return (h, outs), ((h, w_pre, gs, ws), residual is not None)
+
+
+def _prenorm_recompute_bwd(eps_pre, eps, prequantized, res, cts):
+  (h, w_pre, gs, ws), (dh_out, douts) = lax.optimization_barrier((res[0], cts))  # as in _kernel_recompute_bwd
+  (_, y_qs), input_vjp = jax.vjp(lambda h_, w_, g_: _prenorm().prenormed_inputs(h_, None, w_, g_, eps_pre, eps),
+                                 h, w_pre, gs)
+  dys, dws = _products_bwd(y_qs, ws, douts, h.dtype, prequantized)
+  dh, dw_pre, dgs = input_vjp((dh_out, dys))
+  return dh, (dh if res[1] else None), dw_pre, dgs, dws
+
+
+_prenorm_recompute.defvjp(_prenorm_recompute_fwd, _prenorm_recompute_bwd)
 
 
 def resolve(impl: str) -> str:
@@ -297,6 +334,29 @@ def bitlinear_group(x, norm_scales, kernels, *, eps: float = 1e-6, impl: str = "
   return tuple(o.reshape(*o.shape[:-1], *w.shape[1:]) for o, w in zip(outs, kernels))
 
 
+def prenormed_group(p: PreNorm, norm_scales, kernels, *, eps: float = 1e-6, impl: str = "fused",
+                    prequantized: bool = False, dtype=jnp.bfloat16) -> tuple:
+  """`(stream, outputs)`: `bitlinear_group` of the block's `RMSNorm` of `p` (`norm.PreNorm`), and the stream
+  `p.x + p.residual` in `dtype`. The kernel impls compute the block's norm (and add) inside their activation
+  kernel (`prenorm_kernel`), for rows up to `prenorm_kernel.MAX_WIDTH` wide; the others, and wider rows, apply
+  `RMSNorm` first. The same values up to the norm's rounding."""
+  impl = resolve(impl)
+  x = p.x.astype(dtype)
+  residual = None if p.residual is None else p.residual.astype(dtype)
+  if impl not in KERNEL_IMPLS or x.shape[-1] > _prenorm().MAX_WIDTH:
+    h, n = PreNorm(x, p.scale, p.eps, residual).unfused(dtype)
+    return h, bitlinear_group(n, norm_scales, kernels, eps=eps, impl=impl, prequantized=prequantized)
+  _check_prequantized(impl, prequantized)
+  flat = tuple(w.reshape(w.shape[0], -1) for w in kernels)
+  gs = jnp.stack(norm_scales)
+  if impl == "pallas":
+    h, y_qs = _prenorm().prenormed_inputs(x, residual, p.scale, gs, p.eps, eps)
+    outs = tuple(_ste_product(x, y_q, w, prequantized) for y_q, w in zip(y_qs, flat))
+  else:
+    h, outs = _prenorm_recompute(x, residual, p.scale, gs, flat, p.eps, eps, prequantized)
+  return h, tuple(o.reshape(*o.shape[:-1], *w.shape[1:]) for o, w in zip(outs, kernels))
+
+
 def int_accumulators(x, norm_scale, kernel, *, eps: float = 1e-6):
   """The integer part of the int8 path: (int32 `q_x @ q_w`, 1/s_x, 1/s_w). For tests and inference."""
   _, y = _normalize(x, norm_scale, eps)
@@ -322,7 +382,15 @@ class BitLinear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    """BitLinears that share an input: `BitLinearParams` and `bitlinear_group`."""
+    """The layer of `x [..., in]`; of a `norm.PreNorm`, `(stream, output)` (`prenormed_group`).
+    BitLinears that share an input: `BitLinearParams` and `bitlinear_group`."""
+    if isinstance(x, PreNorm):
+      if self.glu_input:
+        raise ValueError("BitLinear: a GLU input (glu_input) has no block norm before it; got a PreNorm")
+      norm_scale, kernel = _declare_params(self, x.x.shape[-1])
+      h, (out,) = prenormed_group(x, (norm_scale,), (kernel,), eps=self.eps, impl=self.impl,
+                                  prequantized=self.prequantized, dtype=self.dtype)
+      return h, checkpoint_name(out, "proj")
     norm_scale, kernel = _declare_params(self, x.shape[-1])
     out = bitlinear(x.astype(self.dtype), norm_scale, kernel, eps=self.eps, impl=self.impl,
                     prequantized=self.prequantized, glu_input=self.glu_input)

@@ -117,6 +117,29 @@ def _scales(g_ref, pieces):
   return [[g_ref[j, pl.ds(o, m)] for o, m in pieces] for j in range(g_ref.shape[0])]
 
 
+def store_quantized(xhat, gs, o_refs, r0, rows, pieces):
+  """Writes `o_refs[j]`'s rows [r0, r0 + rows): the quantized input of xhat * gs[j], one per norm scale."""
+  for g, o_ref in zip(gs, o_refs):
+    y = [v * w[None] for v, w in zip(xhat, g)]
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1, keepdims=True) for v in y])
+    scale = 127.0 / jnp.maximum(amax, SCALE_FLOOR)
+    for (o, m), v in zip(pieces, y):
+      q = jnp.clip(round_half_away(v * scale), -128.0, 127.0)
+      o_ref[pl.ds(r0, rows), pl.ds(o, m)] = (q * (1.0 / scale)).astype(o_ref.dtype)
+
+
+def norm_backward(xhat, rstd, gs, dys, dgs, k):
+  """The norm's backward for a tile of rows (pieces): (dx in the accumulation dtype, dgs + this tile's sums of
+  dy_j * xhat). The cotangents of xhat add up over the norm scales: dxhat = sum_j dy_j * g_j."""
+  dxhat, out = None, []
+  for g, dy, dg in zip(gs, dys, dgs):
+    d = [u * w[None] for u, w in zip(dy, g)]
+    dxhat = d if dxhat is None else [a + b for a, b in zip(dxhat, d)]
+    out.append([a + jnp.sum(u * v, axis=0) for a, u, v in zip(dg, dy, xhat)])
+  mean = _row_sum([d * v for d, v in zip(dxhat, xhat)]) / k
+  return [rstd * (d - v * mean) for d, v in zip(dxhat, xhat)], out
+
+
 def _forward_kernel(x_ref, g_ref, *o_refs, eps, glu):
   n_rows, width = x_ref.shape
   k = g_ref.shape[1]
@@ -125,13 +148,7 @@ def _forward_kernel(x_ref, g_ref, *o_refs, eps, glu):
 
   def visit(carry, r0, rows):
     xhat, _ = _stats(_layer_input(x_ref, r0, rows, pieces, k, glu)[0], k, eps)
-    for g, o_ref in zip(gs, o_refs):  # one normalization, one quantized input per norm scale
-      y = [v * w[None] for v, w in zip(xhat, g)]
-      amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1, keepdims=True) for v in y])
-      scale = 127.0 / jnp.maximum(amax, SCALE_FLOOR)
-      for (o, m), v in zip(pieces, y):
-        q = jnp.clip(round_half_away(v * scale), -128.0, 127.0)
-        o_ref[pl.ds(r0, rows), pl.ds(o, m)] = (q * (1.0 / scale)).astype(o_ref.dtype)
+    store_quantized(xhat, gs, o_refs, r0, rows, pieces)
     return carry
 
   _walk_tiles(n_rows, width, visit, 0)
@@ -147,15 +164,9 @@ def _backward_kernel(x_ref, g_ref, *refs, eps, glu):
   def visit(dgs, r0, rows):
     h, gate_up = _layer_input(x_ref, r0, rows, pieces, k, glu)
     xhat, rstd = _stats(h, k, eps)
-    dxhat, out = None, []
-    for g, dy_ref, dg in zip(gs, dy_refs, dgs):  # the cotangents of xhat add up over the norm scales
-      dy = _load(dy_ref, r0, rows, pieces)
-      d = [u * w[None] for u, w in zip(dy, g)]
-      dxhat = d if dxhat is None else [a + b for a, b in zip(dxhat, d)]
-      out.append([a + jnp.sum(u * v, axis=0) for a, u, v in zip(dg, dy, xhat)])
-    mean = _row_sum([d * v for d, v in zip(dxhat, xhat)]) / k
-    for i, ((o, m), d, v) in enumerate(zip(pieces, dxhat, xhat)):
-      dx = (rstd * (d - v * mean)).astype(dx_ref.dtype)
+    dxs, out = norm_backward(xhat, rstd, gs, [_load(dy_ref, r0, rows, pieces) for dy_ref in dy_refs], dgs, k)
+    for i, ((o, m), dx) in enumerate(zip(pieces, dxs)):
+      dx = dx.astype(dx_ref.dtype)
       if not glu:
         dx_ref[pl.ds(r0, rows), pl.ds(o, m)] = dx
         continue

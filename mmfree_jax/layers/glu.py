@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from mmfree_jax.layers import dtypes
 from mmfree_jax.layers.bitlinear import KERNEL_IMPLS, BitLinear, resolve
 from mmfree_jax.layers.dense import Dense
+from mmfree_jax.layers.norm import PreNorm
 from mmfree_jax.model_config import ModelConfig
 
 
@@ -51,17 +52,24 @@ class BitGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD):
+    """The GLU of `x [B, T, D]`; of a `norm.PreNorm` (the block's norm, applied in gate_proj's activation kernel
+    where it runs one), `(stream, output)`."""
     cfg = self.cfg
     kw = dict(eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
               prequantized=cfg.quantize_weights_once)
     gu = BitLinear((2, cfg.ff), axes=("embed", None, "mlp"), kernel_init=nn.initializers.normal(0.02),
                    name="gate_proj", **kw)(x_BTD)
+    stream = None
+    if isinstance(x_BTD, PreNorm):
+      stream, gu = gu
     kw["impl"] = cfg.down_bitlinear or cfg.bitlinear
     down = functools.partial(BitLinear, cfg.d_model, axes=("mlp", "embed"), name="down_proj", **kw,
                              kernel_init=nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5))
     if resolve(kw["impl"]) in KERNEL_IMPLS:  # swiglu inside down_proj's activation kernel: h never written
-      return down(glu_input=True)(gu)
-    return down()(nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp")))
+      out = down(glu_input=True)(gu)
+    else:
+      out = down()(nn.with_logical_constraint(swiglu(gu), ("act_batch", "act_length", "act_mlp")))
+    return out if stream is None else (stream, out)
 
 
 class SwiGLU(nn.Module):

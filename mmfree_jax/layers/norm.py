@@ -1,6 +1,9 @@
 """RMSNorm: `x / sqrt(mean(x^2) + eps) * scale`, computed in float32 (pure RMS, no mean subtraction)."""
 
+from typing import NamedTuple
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmfree_jax.layers import dtypes
@@ -10,6 +13,25 @@ def rms_normalize(x, eps: float):
   """`x / sqrt(mean(x^2) + eps)` over the last axis, in at least float32."""
   x = x.astype(dtypes.accum(x.dtype))
   return x * jnp.reciprocal(jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps))
+
+
+class PreNorm(NamedTuple):
+  """An input not yet normalized: `RMSNorm(x + residual)` with scale `scale` (residual None: of x), to be applied
+  by the BitLinears that read it (`bitlinear.prenormed_group`): inside their activation kernel where they run one,
+  otherwise first, as `RMSNorm`. A layer given one also returns the stream `x + residual`, the value the block's
+  residual connection reads, so that the stream's gradient passes through the fused backward as well."""
+  x: jax.Array
+  scale: jax.Array
+  eps: float
+  residual: jax.Array | None = None
+
+  def stream(self):
+    return self.x if self.residual is None else self.x + self.residual
+
+  def unfused(self, dtype):
+    """(stream, RMSNorm(stream) in `dtype`): the block's add and norm as `RMSNorm` computes them."""
+    h = self.stream()
+    return h, (rms_normalize(h, self.eps) * self.scale.astype(dtypes.accum(h.dtype))).astype(dtype)
 
 
 class RMSNorm(nn.Module):

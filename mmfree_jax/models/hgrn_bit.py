@@ -11,7 +11,7 @@ from mmfree_jax.layers.bitlinear import BitLinear, quantize_stacked
 from mmfree_jax.layers.embed import Embed
 from mmfree_jax.layers.glu import BitGLU
 from mmfree_jax.layers.mlgru import MLGRU
-from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.norm import PreNorm, RMSNorm, RMSNormScale
 from mmfree_jax.layers.recurrence import resets_from_segments
 from mmfree_jax.model_config import ModelConfig
 from mmfree_jax.models.head_loss import LOGITS, head_loss
@@ -37,13 +37,23 @@ def layer_lower_bounds(lower_bounds_LD):
 
 
 class HGRNBitBlock(nn.Module):
-  """r = x + MLGRU(RMSNorm(x)); out = r + GLU(RMSNorm(r))."""
+  """r = x + MLGRU(RMSNorm(x)); out = r + GLU(RMSNorm(r)).
+
+  With `fuse_block_norms`, the two RMSNorms (and the add before the second) are handed to the BitLinears they
+  feed as `PreNorm`s: computed inside f/i/g's and gate_proj's activation kernels where those run one."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD, per_layer, resets_BT):
     cfg = self.cfg
     lower_bound_D, h0_BD = per_layer
+    if cfg.fuse_block_norms:
+      scale = lambda name: RMSNormScale(cfg.weight_dtype, name=name)(x_BTD.shape[-1])
+      x, mixed, h_last = MLGRU(cfg, name="attn")(PreNorm(x_BTD, scale("attn_norm"), cfg.norm_eps), lower_bound_D,
+                                                 h0_BD, resets_BT)
+      r, ffn = BitGLU(cfg, name="mlp")(PreNorm(mixed, scale("mlp_norm"), cfg.norm_eps, residual=x))
+      r = nn.with_logical_constraint(r, ACT)
+      return nn.with_logical_constraint(r + ffn, ACT), h_last
     norm = lambda name: RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
     mixed, h_last = MLGRU(cfg, name="attn")(norm("attn_norm")(x_BTD), lower_bound_D, h0_BD, resets_BT)
     r = nn.with_logical_constraint(x_BTD + mixed, ACT)
