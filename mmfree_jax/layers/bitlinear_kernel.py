@@ -66,16 +66,18 @@ def _pieces(k: int) -> list[tuple[int, int]]:
   return out
 
 
-def _geometry(n_rows: int, k: int):
-  """(rows per program, rows per tile, programs)."""
-  per_prog = pallas_util.pow2_divisor(n_rows, ROWS_PER_PROGRAM)
+def _geometry(n_rows: int, k: int, tiling=None):
+  """(rows per program, rows per tile, programs); `tiling`: (rows per program, tile elements) other than this
+  module's (`prenorm_kernel`'s own)."""
+  rows_per_program, tile_elems = tiling or (ROWS_PER_PROGRAM, TILE_ELEMS)
+  per_prog = pallas_util.pow2_divisor(n_rows, rows_per_program)
   kp = 1 << max(k - 1, 0).bit_length()
-  return per_prog, pallas_util.pow2_divisor(per_prog, max(1, TILE_ELEMS // kp)), n_rows // per_prog
+  return per_prog, pallas_util.pow2_divisor(per_prog, max(1, tile_elems // kp)), n_rows // per_prog
 
 
-def _walk_tiles(n_rows, k, visit, init):
+def _walk_tiles(n_rows, k, visit, init, tiling=None):
   """`visit(carry, first_row, rows)` over this program's tiles of `rows` rows, one per loop iteration."""
-  per_prog, step, _ = _geometry(n_rows, k)
+  per_prog, step, _ = _geometry(n_rows, k, tiling)
   first = pl.program_id(0) * per_prog
   return lax.fori_loop(0, per_prog // step, lambda c, carry: visit(carry, first + c * step, step), init)
 
@@ -229,18 +231,19 @@ def _backward_two_pass_kernel(x_ref, g_ref, *refs, eps, glu, rows, chunk):
   lax.fori_loop(0, k // chunk, outputs, 0)
 
 
-def _num_warps(k: int, n: int = 1) -> int:
+def _num_warps(k: int, n: int = 1, tiling=None) -> int:
   """NUM_WARPS, scaled up for rows wider than a tile (one row per tile) and for n norm scales (n dg accumulators
   per program), so that no thread holds more elements than one scale at TILE_ELEMS does (more spill registers:
-  log item 18)."""
+  log item 18). `tiling`: (warps, tile elements) other than this module's."""
+  warps, tile_elems = tiling or (NUM_WARPS, TILE_ELEMS)
   kp = 1 << max(k - 1, 0).bit_length()
-  return NUM_WARPS * max(1, kp // TILE_ELEMS) * (1 << max(n - 1, 0).bit_length())
+  return warps * max(1, kp // tile_elems) * (1 << max(n - 1, 0).bit_length())
 
 
-def _launch(kernel, operands, out_shape, n_programs, num_warps):
+def _launch(kernel, operands, out_shape, n_programs, num_warps, prefix="bitlinear"):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(n_programs,),
-      name="bitlinear" + kernel.func.__name__.removesuffix("_kernel"),  # bitlinear_forward / _backward in profiles
+      name=prefix + kernel.func.__name__.removesuffix("_kernel"),  # bitlinear_forward / _backward in profiles
       in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: programs index their rows
       out_specs=jax.tree.map(lambda _: pl.BlockSpec(), out_shape),
       interpret=pallas_util.interpret(),

@@ -12,6 +12,13 @@ from mmfree_jax.layers import prenorm_kernel as pk
 from mmfree_jax.layers.norm import PreNorm
 
 
+@pytest.fixture(params=["whole_rows", "chunked"])
+def backward_walk(request, monkeypatch):
+  """The backward kernel's walk: over whole-row tiles, or three walks over column chunks."""
+  monkeypatch.setattr(pk, "CHUNKED_BACKWARD", request.param == "chunked")
+  return request.param
+
+
 def _inputs(rng, shape, n, dtype, residual=True):
   k = shape[-1]
   x = jnp.asarray(rng.normal(size=shape), dtype)
@@ -41,11 +48,12 @@ def _loss(impl, fused, dtype):
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("impl", ["pallas", "pallas_fused"])
-def test_values_and_gradients_equal_unfused_float64(x64, impl, n, residual):
+def test_values_and_gradients_equal_unfused_float64(x64, impl, n, residual, backward_walk):
   """Values and the gradients of x, residual, the block's scale, the BitLinear scales and kernels, with the stream's
   own cotangent (the residual connection's) added inside the backward kernel: to float64 rounding."""
   rng = np.random.default_rng()
-  x, r, w, gs, kernels = _inputs(rng, (2, 5, 48), n, jnp.float64, residual)  # 10 rows; 48 = 32 + 16
+  # 10 rows; 48 = 32 + 16 (whole rows), three chunks of 16 columns (chunked).
+  x, r, w, gs, kernels = _inputs(rng, (2, 5, 48), n, jnp.float64, residual)
   cots = [jnp.asarray(rng.normal(size=(2, 5, 48)))] + [jnp.asarray(rng.normal(size=(2, 5, 24))) for _ in range(n)]
   (ref, (ref_h, ref_outs)), ref_grads = _loss("vanilla", False, jnp.float64)(x, r, w, gs, kernels, cots)
   (val, (h, outs)), grads = _loss(impl, True, jnp.float64)(x, r, w, gs, kernels, cots)
@@ -58,7 +66,7 @@ def test_values_and_gradients_equal_unfused_float64(x64, impl, n, residual):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(b).max())))
 
 
-def test_bfloat16_matches_the_unfused_kernel_path():
+def test_bfloat16_matches_the_unfused_kernel_path(backward_walk):
   """bf16 rows (24 rows, a width of three power-of-two pieces): the stream bit for bit; the quantized inputs and
   outputs within a quantization step; gradients within a few bf16 ulps of each result's scale."""
   rng = np.random.default_rng()
@@ -76,7 +84,7 @@ def test_bfloat16_matches_the_unfused_kernel_path():
     np.testing.assert_allclose(k_, r_, rtol=0, atol=4 * 2 ** -8 * np.abs(r_).max())
 
 
-def test_under_a_mesh_matches_one_device():
+def test_under_a_mesh_matches_one_device(backward_walk):
   """Per device under a (data, fsdp, tensor) mesh: the scales' gradients summed over devices."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
