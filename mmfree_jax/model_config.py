@@ -10,8 +10,10 @@ REMAT = ("none", "full", "save_dots", "save_proj")
 # Fields that choose how the model is computed, not what it is: the parameters (tree, shapes, dtypes) do not depend
 # on them and the function only to rounding, so a checkpoint resumes under any of their values (e.g. the presets'
 # ':gpu' configuration of a run started elsewhere).
-IMPLEMENTATION_FIELDS = ("dtype", "scan_impl", "scan_chunk", "bitlinear", "down_bitlinear", "quantize_weights_once",
-                         "fuse_block_norms", "attention_impl", "remat", "unroll_layers", "loss_chunk")
+# The MatMul-free LM's projections whose BitLinear impl may differ from `bitlinear`'s ("": the same).
+PROJECTION_IMPL_FIELDS = ("down_bitlinear", "o_bitlinear", "gate_bitlinear")
+IMPLEMENTATION_FIELDS = ("dtype", "scan_impl", "scan_chunk", "bitlinear", *PROJECTION_IMPL_FIELDS,
+                         "quantize_weights_once", "fuse_block_norms", "attention_impl", "remat", "unroll_layers", "loss_chunk")
 
 
 def glu_width(d_model: int) -> int:
@@ -36,6 +38,8 @@ class ModelConfig:
   scan_chunk: int = 128
   bitlinear: str = "vanilla"
   down_bitlinear: str = ""  # the GLU down projection's BitLinear impl ("": bitlinear's)
+  o_bitlinear: str = ""  # the MLGRU output projection's
+  gate_bitlinear: str = ""  # the GLU gate/up projection's
   quantize_weights_once: bool = False  # MatMul-free: the layer stack's weights quantized once per forward pass
   # MatMul-free: the blocks' RMSNorms (and the add before the GLU's) inside the BitLinear kernels they feed
   fuse_block_norms: bool = False
@@ -50,13 +54,15 @@ class ModelConfig:
         (self.arch in ARCHS, f"model.arch={self.arch!r}: expected one of {ARCHS}"),
         (self.scan_impl in recurrence.IMPLS, f"model.scan_impl={self.scan_impl!r}: expected one of {recurrence.IMPLS}"),
         (self.bitlinear in bitlinear.IMPLS, f"model.bitlinear={self.bitlinear!r}: expected one of {bitlinear.IMPLS}"),
-        (self.down_bitlinear in ("", *bitlinear.IMPLS),
-         f"model.down_bitlinear={self.down_bitlinear!r}: expected '' (model.bitlinear's) or one of {bitlinear.IMPLS}"),
+        *((getattr(self, name) in ("", *bitlinear.IMPLS),
+           f"model.{name}={getattr(self, name)!r}: expected '' (model.bitlinear's) or one of {bitlinear.IMPLS}")
+          for name in PROJECTION_IMPL_FIELDS),
         (not self.quantize_weights_once or self.arch != "hgrn_bit"
-         or {self.bitlinear, self.down_bitlinear or self.bitlinear} <= set(bitlinear.PREQUANTIZED_IMPLS),
-         f"model.quantize_weights_once needs model.bitlinear and model.down_bitlinear in "
-         f"{bitlinear.PREQUANTIZED_IMPLS}, not {self.bitlinear!r} / {self.down_bitlinear!r} (they quantize their own "
-         f"weight)"),
+         or {self.bitlinear, *(self.projection_impl(n) for n in ("down", "o", "gate"))}
+         <= set(bitlinear.PREQUANTIZED_IMPLS),
+         f"model.quantize_weights_once needs model.bitlinear and model.{'/'.join(PROJECTION_IMPL_FIELDS)} in "
+         f"{bitlinear.PREQUANTIZED_IMPLS}, not {self.bitlinear!r} / "
+         f"{' / '.join(repr(getattr(self, n)) for n in PROJECTION_IMPL_FIELDS)} (they quantize their own weight)"),
         (self.remat in REMAT, f"model.remat={self.remat!r}: expected one of {REMAT}"),
         (self.attention_impl in ("xla", "cudnn"), f"model.attention_impl={self.attention_impl!r}: expected xla or cudnn"),
         (min(self.vocab_size, self.d_model, self.n_layers, self.scan_chunk) > 0, "model sizes must be positive"),
@@ -81,6 +87,10 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
     return cls(**cfg)
+
+  def projection_impl(self, projection: str) -> str:
+    """The BitLinear impl of the "down", "o" or "gate" projection (`<projection>_bitlinear`, or `bitlinear`)."""
+    return getattr(self, f"{projection}_bitlinear") or self.bitlinear
 
   @property
   def ff(self) -> int:

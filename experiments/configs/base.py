@@ -46,6 +46,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # the GLU down projection's impl ("": m.bitlinear's); e.g. pallas among pallas_fused layers keeps its quantized
   # input for the backward instead of recomputing it
   m.down_bitlinear = ""
+  m.o_bitlinear = ""  # the MLGRU output projection's, as down_bitlinear
+  m.gate_bitlinear = ""  # the GLU gate/up projection's, as down_bitlinear
   # MatMul-free: quantize every layer's weights once per forward pass, before the layer loop (not per use; the same
   # values; needs bitlinear vanilla / pallas / pallas_fused / auto)
   m.quantize_weights_once = False

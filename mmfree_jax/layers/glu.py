@@ -58,11 +58,11 @@ class BitGLU(nn.Module):
     kw = dict(eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
               prequantized=cfg.quantize_weights_once)
     gu = BitLinear((2, cfg.ff), axes=("embed", None, "mlp"), kernel_init=nn.initializers.normal(0.02),
-                   name="gate_proj", **kw)(x_BTD)
+                   name="gate_proj", **dict(kw, impl=cfg.projection_impl("gate")))(x_BTD)
     stream = None
     if isinstance(x_BTD, PreNorm):
       stream, gu = gu
-    kw["impl"] = cfg.down_bitlinear or cfg.bitlinear
+    kw["impl"] = cfg.projection_impl("down")
     down = functools.partial(BitLinear, cfg.d_model, axes=("mlp", "embed"), name="down_proj", **kw,
                              kernel_init=nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5))
     if resolve(kw["impl"]) in KERNEL_IMPLS:  # swiglu inside down_proj's activation kernel: h never written

@@ -48,6 +48,6 @@ class MLGRU(nn.Module):
     g_scale = RMSNormScale(cfg.weight_dtype, axis_name="heads", name="g_norm")(g.shape[-1])
     o = output_gate(g, h, g_scale, cfg.norm_eps, kernel).astype(cfg.compute_dtype)
     o_proj = BitLinear(cfg.d_model, axes=("heads", "embed"), kernel_init=PROJ_INIT, eps=cfg.norm_eps,
-                       impl=cfg.bitlinear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                       impl=cfg.projection_impl("o"), dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                        prequantized=cfg.quantize_weights_once, name="o_proj")
     return (o_proj(o), h_last) if stream is None else (stream, o_proj(o), h_last)

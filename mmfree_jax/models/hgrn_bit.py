@@ -39,8 +39,9 @@ def layer_lower_bounds(lower_bounds_LD):
 class HGRNBitBlock(nn.Module):
   """r = x + MLGRU(RMSNorm(x)); out = r + GLU(RMSNorm(r)).
 
-  With `fuse_block_norms`, the two RMSNorms (and the add before the second) are handed to the BitLinears they
-  feed as `PreNorm`s: computed inside f/i/g's and gate_proj's activation kernels where those run one."""
+  With `fuse_block_norms`, the two RMSNorms (and the adds before them) are handed to the BitLinears they feed as
+  `PreNorm`s: computed inside f/i/g's and gate_proj's activation kernels where those run one. The block then
+  takes and returns its stream as two terms (r, GLU(...)), added by the next block's first kernel."""
   cfg: ModelConfig
 
   @nn.compact
@@ -48,12 +49,12 @@ class HGRNBitBlock(nn.Module):
     cfg = self.cfg
     lower_bound_D, h0_BD = per_layer
     if cfg.fuse_block_norms:
-      scale = lambda name: RMSNormScale(cfg.weight_dtype, name=name)(x_BTD.shape[-1])
-      x, mixed, h_last = MLGRU(cfg, name="attn")(PreNorm(x_BTD, scale("attn_norm"), cfg.norm_eps), lower_bound_D,
-                                                 h0_BD, resets_BT)
+      (x_BTD, delta_BTD), d = x_BTD, x_BTD[0].shape[-1]
+      scale = lambda name: RMSNormScale(cfg.weight_dtype, name=name)(d)
+      x, mixed, h_last = MLGRU(cfg, name="attn")(PreNorm(x_BTD, scale("attn_norm"), cfg.norm_eps, delta_BTD),
+                                                 lower_bound_D, h0_BD, resets_BT)
       r, ffn = BitGLU(cfg, name="mlp")(PreNorm(mixed, scale("mlp_norm"), cfg.norm_eps, residual=x))
-      r = nn.with_logical_constraint(r, ACT)
-      return nn.with_logical_constraint(r + ffn, ACT), h_last
+      return (nn.with_logical_constraint(r, ACT), nn.with_logical_constraint(ffn, ACT)), h_last
     norm = lambda name: RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
     mixed, h_last = MLGRU(cfg, name="attn")(norm("attn_norm")(x_BTD), lower_bound_D, h0_BD, resets_BT)
     r = nn.with_logical_constraint(x_BTD + mixed, ACT)
@@ -88,7 +89,11 @@ class HGRNBitLM(nn.Module):
     if cfg.quantize_weights_once and not weights_quantized and not self.is_initializing():
       view = functools.partial(quantize_stacked, dtype=cfg.compute_dtype)
     layers = scanned(HGRNBitBlock, cfg, in_axes=(0, nn.broadcast), name="layers", params_view=view)
+    if cfg.fuse_block_norms:  # the stream as two terms (`HGRNBitBlock`); the first block adds zeros
+      x = (x, jnp.zeros_like(x))
     x, h_last = layers(x, (layer_lower_bounds(lower_bounds), state), resets)
+    if cfg.fuse_block_norms:
+      x = nn.with_logical_constraint(x[0] + x[1], ACT)
     x = RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="norm")(x)
     head = BitLinear(cfg.vocab_size, axes=("embed", "vocab"), kernel_init=nn.initializers.normal(0.02),
                      eps=cfg.norm_eps, impl=cfg.bitlinear, dtype=cfg.compute_dtype,

@@ -48,20 +48,23 @@ def test_forward_matches_numpy_reference_float64(x64, bitlinear):
 
 def test_kernel_paths_gradients_equal_vanilla_float64(x64):
   """The whole model's loss gradient with the BitLinear kernels (interpret mode; f/i/g as one group launch, the
-  recomputing VJP, swiglu inside the down projection's kernel, `model.down_bitlinear`, the blocks' norms inside
-  the kernels) equals autodiff of the vanilla layers, in float64."""
+  recomputing VJP, swiglu inside the down projection's kernel, `model.down_bitlinear` and the others, the blocks'
+  norms inside the kernels) equals autodiff of the vanilla layers, in float64."""
   tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 11), 0, 97)
   cfg = dict(TINY, dtype="float64", param_dtype="float64")
   params = _perturbed_params(dict(cfg, bitlinear="vanilla"))
 
-  def grads(bitlinear, down_bitlinear="", fuse_block_norms=False):
+  def grads(bitlinear, down_bitlinear="", fuse_block_norms=False, keep=""):
     return _loss_and_grads(model_config(dict(cfg, bitlinear=bitlinear, down_bitlinear=down_bitlinear,
-                                             fuse_block_norms=fuse_block_norms)))(params, tokens)
+                                             fuse_block_norms=fuse_block_norms, o_bitlinear=keep,
+                                             gate_bitlinear=keep)))(params, tokens)
 
   ref_loss, ref = grads("vanilla")
   # pallas_fused everywhere, and pallas_fused with the GLU's down projection on pallas (its own impl); with the
-  # blocks' norms inside the kernels (`fuse_block_norms`, the same parameter tree: `compiled.init` checks it).
-  for impl in (("pallas_fused",), ("pallas_fused", "pallas"), ("pallas_fused", "pallas", True), ("pallas", "", True)):
+  # blocks' norms inside the kernels (`fuse_block_norms`, the same parameter tree: `compiled.init` checks it), and
+  # with o_proj and gate_proj on pallas as well (`model.o_bitlinear`, `model.gate_bitlinear`).
+  for impl in (("pallas_fused",), ("pallas_fused", "pallas"), ("pallas_fused", "pallas", True),
+               ("pallas_fused", "pallas", True, "pallas"), ("pallas", "", True)):
     loss, got = grads(*impl)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-11)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
