@@ -152,12 +152,13 @@ def wants_gpu(arg: str | None) -> bool:
 
 
 def fastest_on_gpu(c: ml_collections.ConfigDict, micro_batch: int) -> None:
-  """The fastest MatMul-free training step measured on one H100 (benchmarks/README.md, log items 30-38):
+  """The fastest MatMul-free training step measured on one H100 (benchmarks/README.md, log items 30-38, 50-51):
   micro-batches of `micro_batch` rows per GPU (`train.micro_batch`), the layers unrolled, no remat, the BitLinear
-  kernels saving only their inputs but the GLU down projection's quantized one, the weights quantized once per
-  pass. The kernels are Pallas Triton kernels: elsewhere they run in interpret mode (slow)."""
+  kernels saving only their inputs but the down, o and gate/up projections' quantized ones, the weights quantized
+  once per pass, the blocks' norms inside the BitLinear kernels. The kernels are Pallas Triton kernels: elsewhere
+  they run in interpret mode (slow)."""
   if c.model.arch != "hgrn_bit":
     raise ValueError("':gpu' is the MatMul-free LM's GPU configuration; the Transformer++ presets need none")
   c.model.update(unroll_layers=c.model.n_layers, remat="none", bitlinear="pallas_fused", down_bitlinear="pallas",
-                 quantize_weights_once=True)
+                 o_bitlinear="pallas", gate_bitlinear="pallas", quantize_weights_once=True, fuse_block_norms=True)
   c.train.micro_batch = micro_batch

@@ -25,10 +25,12 @@ def test_gpu_configuration(name, micro):
   plain, gpu = _preset(name), _preset(name, "gpu")
   assert _preset(name, "mmfree,gpu").to_dict() == gpu.to_dict()
   assert gpu.model.bitlinear == "pallas_fused" and gpu.model.down_bitlinear == "pallas"
+  assert gpu.model.o_bitlinear == gpu.model.gate_bitlinear == "pallas" and gpu.model.fuse_block_norms
   assert gpu.model.remat == "none" and gpu.model.unroll_layers == gpu.model.n_layers
   assert gpu.model.quantize_weights_once and gpu.train.micro_batch == micro
   # The same model and recipe: only how the step is computed differs.
-  impl = ("bitlinear", "down_bitlinear", "remat", "unroll_layers", "quantize_weights_once")
+  impl = ("bitlinear", "down_bitlinear", "o_bitlinear", "gate_bitlinear", "remat", "unroll_layers",
+          "quantize_weights_once", "fuse_block_norms")
   assert {k: v for k, v in gpu.model.items() if k not in impl} == {k: v for k, v in plain.model.items()
                                                                     if k not in impl}
   assert gpu.optim.to_dict() == plain.optim.to_dict() and gpu.train.global_batch == plain.train.global_batch
