@@ -6,9 +6,9 @@
 Times the activation path of one block site alone, device time (calls back to back, `benchmarks/timing.py`):
 the MLGRU site (`--scales=3`: f/i/g, the stream x itself) and the GLU site (`--scales=1`: gate_proj, the stream
 x + residual), forward and forward + backward, with the stream's own cotangent. `unfused`: XLA's add and RMSNorm,
-then `bitlinear_kernel.quantized_inputs`; `fused`: `prenorm_kernel.prenormed_inputs` as configured; `rows:<rows_per_program>:<tile_elems>:<backward_warps>`:
-that tiling, the backward over whole rows; `chunked:<rows_per_program>:<chunk>:<num_warps>`: the backward's walks over
-column chunks with that tiling. bf16 rows as in training (1.3B: 8192 rows
+then `bitlinear_kernel.quantized_inputs`; `fused`: `prenorm_kernel.prenormed_inputs` as configured;
+`rows:<rows_per_program>:<tile_elems>:<backward_warps>`: that tiling, the backward over whole rows;
+`chunked:<rows_per_program>:<chunk>:<num_warps>`: the backward's walks over column chunks with that tiling. bf16 rows as in training (1.3B: 8192 rows
 per micro-batch, width 2048). Appends JSON lines to benchmarks/results/prenorm_kernel.jsonl.
 """
 
