@@ -25,13 +25,15 @@ class PreNorm(NamedTuple):
   eps: float
   residual: jax.Array | None = None
 
-  def stream(self):
-    return self.x if self.residual is None else self.x + self.residual
-
   def unfused(self, dtype):
     """(stream, RMSNorm(stream) in `dtype`): the block's add and norm as `RMSNorm` computes them."""
-    h = self.stream()
-    return h, (rms_normalize(h, self.eps) * self.scale.astype(dtypes.accum(h.dtype))).astype(dtype)
+    h = self.x if self.residual is None else self.x + self.residual
+    return h, rms_norm(h, self.scale, self.eps, dtype)
+
+
+def rms_norm(x, scale, eps: float, dtype):
+  """`RMSNorm`'s output: `rms_normalize(x) * scale` in `dtype`."""
+  return (rms_normalize(x, eps) * scale.astype(dtypes.accum(x.dtype))).astype(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -43,9 +45,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = _scale_param(self, x.shape[-1])
-    y = rms_normalize(x, self.eps) * scale.astype(dtypes.accum(x.dtype))
-    return y.astype(self.dtype)
+    return rms_norm(x, _scale_param(self, x.shape[-1]), self.eps, self.dtype)
 
 
 class RMSNormScale(nn.Module):
