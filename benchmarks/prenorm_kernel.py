@@ -1,15 +1,16 @@
 """The block norm inside the BitLinear kernel (`layers/prenorm_kernel.py`) against the unfused path, per tiling.
 
   python -m benchmarks.prenorm_kernel [--rows=8192] [--width=2048] \
-      [--impls=unfused,fused,rows:8:2048:4,chunked:8:256:4]
+      [--impls=unfused,fused,rows:8:2048:4]
 
 Times the activation path of one block site alone, device time (calls back to back, `benchmarks/timing.py`):
 the MLGRU site (`--scales=3`: f/i/g, the stream x itself) and the GLU site (`--scales=1`: gate_proj, the stream
 x + residual), forward and forward + backward, with the stream's own cotangent. `unfused`: XLA's add and RMSNorm,
 then `bitlinear_kernel.quantized_inputs`; `fused`: `prenorm_kernel.prenormed_inputs` as configured;
-`rows:<rows_per_program>:<tile_elems>:<backward_warps>`: that tiling, the backward over whole rows;
-`chunked:<rows_per_program>:<chunk>:<num_warps>`: the backward's walks over column chunks with that tiling. bf16 rows as in training (1.3B: 8192 rows
-per micro-batch, width 2048). Appends JSON lines to benchmarks/results/prenorm_kernel.jsonl.
+`rows:<rows_per_program>:<tile_elems>:<backward_warps>`: that tiling. bf16 rows as in training (1.3B: 8192 rows
+per micro-batch, width 2048). Appends JSON lines to benchmarks/results/prenorm_kernel.jsonl. (Lines with
+`chunked:...` there timed a backward over column chunks, removed after log item 52. Each kernel alone, forward or
+backward, per setting of the kernels' constants: `benchmarks/activation_kernels.py`.)
 """
 
 import datetime
@@ -25,8 +26,7 @@ from benchmarks import timing
 flags.DEFINE_integer("rows", 8192, "rows (tokens of one micro-batch)")
 flags.DEFINE_integer("width", 2048, "row width (d_model)")
 flags.DEFINE_string("scales", "3,1", "sites by their number of norm scales: 3 (f/i/g, no residual), 1 (gate_proj)")
-flags.DEFINE_string("impls", "unfused,fused", "unfused | fused | rows:<rows_per_program>:<tile_elems>:<warps> | "
-                    "chunked:<rows_per_program>:<chunk>:<warps>")
+flags.DEFINE_string("impls", "unfused,fused", "unfused | fused | rows:<rows_per_program>:<tile_elems>:<warps>")
 flags.DEFINE_integer("repeats", 20, "timed repeats")
 flags.DEFINE_string("out", "benchmarks/results/prenorm_kernel.jsonl", "results file")
 
@@ -62,19 +62,16 @@ def main(argv):
     gs = jnp.ones((n, f.width), jnp.float32)
     for spec in f.impls.split(","):
       impl, *params = spec.split(":")
-      if impl not in ("fused", "unfused", "rows", "chunked"):
-        raise app.UsageError(f"--impls: unfused, fused, rows:... or chunked:..., not {impl!r}")
+      if impl not in ("fused", "unfused", "rows"):
+        raise app.UsageError(f"--impls: unfused, fused or rows:..., not {impl!r}")
       site = _site("unfused" if impl == "unfused" else "fused", n, residual)
       loss = lambda *a, site=site: sum(jnp.sum((c * v).astype(jnp.float32))
                                        for c, v in zip(cots, (site(*a)[0], *site(*a)[1])))
       fwd = jax.jit(site)
       bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
       ms = lambda fn: round(timing.median_time(fn, x, r, w, gs, repeats=f.repeats, back_to_back=10) * 1e3, 4)
-      names = (("CHUNKED_ROWS", "CHUNKED_CHUNK", "CHUNKED_WARPS") if impl == "chunked" else
-               ("ROWS_PER_PROGRAM", "TILE_ELEMS", "BACKWARD_WARPS"))
-      chunked = prenorm_kernel.CHUNKED_BACKWARD if impl in ("fused", "unfused") else impl == "chunked"
-      with tiling.kernel_tiling(prenorm_kernel, names, spec, params if impl in ("rows", "chunked") else []), \
-           tiling.kernel_tiling(prenorm_kernel, ("CHUNKED_BACKWARD",), spec, [str(int(chunked))]):
+      names = ("ROWS_PER_PROGRAM", "TILE_ELEMS", "BACKWARD_WARPS")
+      with tiling.kernel_tiling(prenorm_kernel, names, spec, params if impl == "rows" else []):
         row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
                "rows": f.rows, "width": f.width, "scales": n, "residual": residual, "fwd_ms": ms(fwd),
                "fwd_bwd_ms": ms(bwd), "jax": jax.__version__,

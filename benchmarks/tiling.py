@@ -1,6 +1,7 @@
 """Kernel tilings named in a benchmark's spec (`pallas:64:32:1:1`): module constants set per spec, reset after."""
 
 import contextlib
+import importlib
 
 from absl import app
 
@@ -21,3 +22,36 @@ def kernel_tiling(module, names: tuple[str, ...], spec: str, params: list[str]):
   finally:
     for n, v in defaults.items():
       setattr(module, n, v)
+
+
+def parse_settings(setting: str) -> list[tuple[str, str, object]]:
+  """`module.CONSTANT=value,...` (a `--set` flag; value an integer or None) as (module, constant, value) triples."""
+  out = []
+  for item in filter(None, setting.split(",")):
+    name, _, value = item.partition("=")
+    module, _, const = name.strip().partition(".")
+    if not const or not value or not (value.lstrip("-").isdigit() or value == "None"):
+      raise app.UsageError(f"--set: expected module.CONSTANT=<integer or None>, not {item!r}")
+    out.append((module, const, None if value == "None" else int(value)))
+  return out
+
+
+@contextlib.contextmanager
+def layer_constants(setting: str):
+  """Sets the constants `parse_settings(setting)` names on `mmfree_jax.layers.<module>` while the block runs (kernel
+  tilings and walks: a kernel reads them when it is traced), then restores them."""
+  saved = []
+  try:
+    for module, const, value in parse_settings(setting):
+      try:
+        mod = importlib.import_module(f"mmfree_jax.layers.{module}")
+      except ModuleNotFoundError as e:
+        raise app.UsageError(f"--set: no module mmfree_jax.layers.{module}") from e
+      if not hasattr(mod, const):
+        raise app.UsageError(f"--set: mmfree_jax.layers.{module} has no {const}")
+      saved.append((mod, const, getattr(mod, const)))
+      setattr(mod, const, value)
+    yield
+  finally:
+    for mod, const, value in reversed(saved):
+      setattr(mod, const, value)

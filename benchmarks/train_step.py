@@ -1,7 +1,7 @@
 """Throughput and memory of the real training step (the one `experiments.train` runs) on random tokens.
 
   python -m benchmarks.train_step --config=experiments/configs/370m.py --batch=16 --seq_len=2048 [--steps=20]
-      [--config.model.remat=save_dots ...] [--label=...]
+      [--config.model.remat=save_dots ...] [--set=bitlinear_kernel.FORWARD_ROWS_PER_PROGRAM=8,...] [--label=...]
 
 Same model, optimizer, sharding and dtypes as training; random tokens instead of the data pipeline. Reports
 tokens/s (median of the timed steps after warm-up, each synchronized), MFU under the 6·N convention and
@@ -23,6 +23,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from benchmarks import tiling
+
 config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
 flags.DEFINE_integer("batch", 8, "Sequences per step (global batch).")
 flags.DEFINE_integer("seq_len", 2048, "Sequence length.")
@@ -30,6 +32,8 @@ flags.DEFINE_integer("steps", 20, "Timed steps (after --warmup).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_string("label", "", "Free-form label stored with the result (e.g. the lever being tried).")
 flags.DEFINE_string("out", "benchmarks/results/train_step.jsonl", "Where to append the result line.")
+flags.DEFINE_string("set", "", "Kernel constants for this run, module.CONSTANT=value,... on mmfree_jax.layers "
+                    "(`benchmarks/tiling.py`; e.g. bitlinear_kernel.FORWARD_ROWS_PER_PROGRAM=8): A/B of a tiling.")
 flags.mark_flags_as_required(["config"])
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -117,7 +121,9 @@ def _installed(name: str) -> bool:
 def main(argv):
   del argv
   f = flags.FLAGS
-  result = run(f.config, f.batch, f.seq_len, f.steps, f.warmup)
+  with tiling.layer_constants(f.set):
+    result = run(f.config, f.batch, f.seq_len, f.steps, f.warmup)
+  result["set"] = f.set
   result["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
   result["label"] = f.label
   result["command"] = "python -m benchmarks.train_step " + " ".join(sys.argv[1:])

@@ -12,10 +12,10 @@ cosine to 0.1x. Steps are set for the paper's 100B tokens. The paper trained on 
 SentencePiece vocabulary; README.md lists its zero-shot results.
 Smoke run without data: add `--config.data.source=embedded --config.train.steps=20 --config.train.global_batch=8`.
 Speed on one H100 (benchmarks/README.md), 8 x 2048 tokens per step: this preset 52.6k tokens/s in 39.9 GiB; its
-GPU configuration, `--config=experiments/configs/1p3b.py:gpu`, 59.8k-60.1k in 37.7 GiB: micro-batches of 4 rows
-per GPU, the layers unrolled, no remat, the BitLinear kernels saving only their inputs but the down, o and gate/up
-projections' quantized ones, the blocks' norms inside the kernels (`base.fastest_on_gpu`). The official code: 39.9k
-in 57.2 GiB.
+GPU configuration, `--config=experiments/configs/1p3b.py:gpu`, 59.8k-60.1k (the mean per H100) in 37.7 GiB:
+micro-batches of 4 rows per GPU, the layers unrolled, no remat, the BitLinear kernels saving only their inputs but
+the down, o and gate/up projections' quantized ones, the blocks' norms inside the kernels (`base.fastest_on_gpu`).
+The official code: 39.9k in 57.2 GiB.
   python -m benchmarks.train_step --config=experiments/configs/1p3b.py:gpu --batch=8 --steps=10
 """
 

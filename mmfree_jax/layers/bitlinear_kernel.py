@@ -44,6 +44,7 @@ from mmfree_jax.layers import pallas_util
 from mmfree_jax.layers.bitlinear import SCALE_FLOOR, round_half_away
 
 ROWS_PER_PROGRAM = 8  # (the largest power of two <= this dividing the number of rows)
+FORWARD_ROWS_PER_PROGRAM = 1  # the forward keeps no per-program sums: more programs in flight (log item 52)
 TILE_ELEMS = 4096  # elements per tile (one loop iteration; K rounded up to a power of two): whole rows
 #                   loaded, reduced and stored at once; wide rows take fewer rows per tile, keeping registers
 NUM_WARPS = 2  # per TILE_ELEMS: a row wider than a tile takes proportionally more warps (elements per thread fixed)
@@ -75,11 +76,19 @@ def _geometry(n_rows: int, k: int, tiling=None):
   return per_prog, pallas_util.pow2_divisor(per_prog, max(1, tile_elems // kp)), n_rows // per_prog
 
 
-def _walk_tiles(n_rows, k, visit, init, tiling=None):
-  """`visit(carry, first_row, rows)` over this program's tiles of `rows` rows, one per loop iteration."""
+def _walk_tiles(n_rows, k, visit, init, tiling=None, loads=(), pieces=None, prefetch=False):
+  """`visit(carry, first_row, rows, *tiles)` over this program's tiles of `rows` rows, one per loop iteration.
+  `tiles`: each of `loads` ((ref, column offset) pairs) as the tile's `pieces` in the accumulation dtype; with
+  `prefetch` the next tile is loaded before the current one is computed (`pallas_util.walk`)."""
   per_prog, step, _ = _geometry(n_rows, k, tiling)
   first = pl.program_id(0) * per_prog
-  return lax.fori_loop(0, per_prog // step, lambda c, carry: visit(carry, first + c * step, step), init)
+  row = lambda c: first + c * step
+  raw = lambda c: [[ref[pl.ds(row(c), step), pl.ds(off + o, m)] for o, m in pieces] for ref, off in loads]
+
+  def step_fn(carry, c, tiles):
+    return visit(carry, row(c), step, *[[v.astype(dtypes.accum(v.dtype)) for v in t] for t in tiles])
+
+  return pallas_util.walk(per_prog // step, raw, step_fn, init, prefetch and bool(loads))
 
 
 def _load(ref, r0, rows, pieces, offset=0):
@@ -91,16 +100,20 @@ def _sigmoid(v):
   return 1.0 / (1.0 + jnp.exp(-v))
 
 
-def _layer_input(x_ref, r0, rows, pieces, k, glu):
-  """(the layer input's tile as pieces in the accumulation dtype, (gate, up) pieces or None).
+def _input_loads(x_ref, k, glu):
+  """`_walk_tiles`' loads of the layer input: x's row, or with `glu` its gate (columns 0..K) and up (K..2K)."""
+  return [(x_ref, 0), (x_ref, k)] if glu else [(x_ref, 0)]
 
-  With `glu`, a row of `x_ref` is [gate (K), up (K)] and the input is `swiglu`'s h = silu(gate) * up, rounded to
-  x's dtype as `swiglu` returns it (`layers.glu`)."""
-  if not glu:
-    return _load(x_ref, r0, rows, pieces), None
-  gate, up = _load(x_ref, r0, rows, pieces), _load(x_ref, r0, rows, pieces, k)
-  acc = dtypes.accum(x_ref.dtype)
-  h = [(a * _sigmoid(a) * b).astype(x_ref.dtype).astype(acc) for a, b in zip(gate, up)]
+
+def _layer_input(tiles, dtype):
+  """(the layer input's tile as pieces in the accumulation dtype, (gate, up) pieces or None), from the tiles of
+  `_input_loads`. With two (gate, up), the input is `swiglu`'s h = silu(gate) * up, rounded to x's `dtype` as
+  `swiglu` returns it (`layers.glu`)."""
+  if len(tiles) == 1:
+    return tiles[0], None
+  gate, up = tiles
+  acc = gate[0].dtype
+  h = [(a * _sigmoid(a) * b).astype(dtype).astype(acc) for a, b in zip(gate, up)]
   return h, (gate, up)
 
 
@@ -148,12 +161,12 @@ def _forward_kernel(x_ref, g_ref, *o_refs, eps, glu):
   pieces = _pieces(k)
   gs = _scales(g_ref, pieces)
 
-  def visit(carry, r0, rows):
-    xhat, _ = _stats(_layer_input(x_ref, r0, rows, pieces, k, glu)[0], k, eps)
+  def visit(carry, r0, rows, *tiles):
+    xhat, _ = _stats(_layer_input(tiles, x_ref.dtype)[0], k, eps)
     store_quantized(xhat, gs, o_refs, r0, rows, pieces)
     return carry
 
-  _walk_tiles(n_rows, width, visit, 0)
+  _walk_tiles(n_rows, width, visit, 0, _forward_tiling(), loads=_input_loads(x_ref, k, glu), pieces=pieces)
 
 
 def _backward_kernel(x_ref, g_ref, *refs, eps, glu):
@@ -162,11 +175,12 @@ def _backward_kernel(x_ref, g_ref, *refs, eps, glu):
   k = g_ref.shape[1]
   pieces = _pieces(k)
   gs = _scales(g_ref, pieces)
+  inputs = _input_loads(x_ref, k, glu)
 
-  def visit(dgs, r0, rows):
-    h, gate_up = _layer_input(x_ref, r0, rows, pieces, k, glu)
+  def visit(dgs, r0, rows, *tiles):
+    h, gate_up = _layer_input(tiles[:len(inputs)], x_ref.dtype)
     xhat, rstd = _stats(h, k, eps)
-    dxs, out = norm_backward(xhat, rstd, gs, [_load(dy_ref, r0, rows, pieces) for dy_ref in dy_refs], dgs, k)
+    dxs, out = norm_backward(xhat, rstd, gs, tiles[len(inputs):], dgs, k)
     for i, ((o, m), dx) in enumerate(zip(pieces, dxs)):
       dx = dx.astype(dx_ref.dtype)
       if not glu:
@@ -180,7 +194,7 @@ def _backward_kernel(x_ref, g_ref, *refs, eps, glu):
     return out
 
   zeros = [[jnp.zeros((m,), g_ref.dtype) for _, m in pieces] for _ in dy_refs]
-  dgs = _walk_tiles(n_rows, width, visit, zeros)
+  dgs = _walk_tiles(n_rows, width, visit, zeros, loads=inputs + [(r, 0) for r in dy_refs], pieces=pieces)
   for j, dg in enumerate(dgs):
     for (o, m), v in zip(pieces, dg):
       dg_ref[pl.program_id(0), j, pl.ds(o, m)] = v
@@ -191,30 +205,39 @@ def _backward_two_pass_kernel(x_ref, g_ref, *refs, eps, glu, rows, chunk):
   twice in chunks of `chunk` columns (the second read mostly from L2). Pass 1 sums h^2 and dxhat h per row; with
   xhat = h rstd these give rstd and mean(dxhat xhat) = rstd sum(dxhat h) / K. Pass 2 writes dx (or d_gate, d_up)
   and this program's dg per chunk. A thread holds a few chunk elements, not a row's: many rows are in flight per SM
-  (the one-pass kernel, a whole 2 x 5632 row in registers, reached 1.3 TB/s in the 1.3B step; log item 49)."""
+  (the one-pass kernel, a whole 2 x 5632 row in registers, reached 1.3 TB/s in the 1.3B step; log item 49).
+  Loading the next chunk while computing the current one (`pallas_util.walk`) was slower (log item 52)."""
   *dy_refs, dx_ref, dg_ref = refs
   k = g_ref.shape[1]
   program = pl.program_id(0)
   r0 = program * rows
+  n_chunks = k // chunk
+  at = lambda c: c * chunk if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)  # the walk's first: an int
 
-  def columns(c):
-    o = pl.multiple_of(c * chunk, chunk)
-    (h,), gate_up = _layer_input(x_ref, r0, rows, [(o, chunk)], k, glu)
-    dys = [_load(dy_ref, r0, rows, [(o, chunk)])[0] for dy_ref in dy_refs]
+  def load(c):  # chunk c of x (gate and up) and of the cotangents, as stored
+    o = at(c)
+    xs = [x_ref[pl.ds(r0, rows), pl.ds(o + off, chunk)] for off in ((0, k) if glu else (0,))]
+    return xs, [dy_ref[pl.ds(r0, rows), pl.ds(o, chunk)] for dy_ref in dy_refs]
+
+  def columns(c, loaded):
+    acc = dtypes.accum(x_ref.dtype)
+    (h,), gate_up = _layer_input([[v.astype(acc)] for v in loaded[0]], x_ref.dtype)
+    dys = [v.astype(acc) for v in loaded[1]]
+    o = at(c)
     dxhat = functools.reduce(lambda a, b: a + b, [dy * g_ref[j, pl.ds(o, chunk)][None] for j, dy in enumerate(dys)])
     return o, h, gate_up, dys, dxhat
 
-  def sums(c, carry):
-    _, h, _, _, dxhat = columns(c)
+  def sums(carry, c, loaded):
+    _, h, _, _, dxhat = columns(c, loaded)
     return carry[0] + jnp.sum(h * h, axis=1, keepdims=True), carry[1] + jnp.sum(dxhat * h, axis=1, keepdims=True)
 
   zero = jnp.zeros((rows, 1), dtypes.accum(x_ref.dtype))
-  sq, dot = lax.fori_loop(0, k // chunk, sums, (zero, zero))
+  sq, dot = pallas_util.walk(n_chunks, load, sums, (zero, zero), prefetch=False)
   rstd = lax.rsqrt(sq / k + eps)
   mean = dot * rstd / k
 
-  def outputs(c, carry):
-    o, h, gate_up, dys, dxhat = columns(c)
+  def outputs(carry, c, loaded):
+    o, h, gate_up, dys, dxhat = columns(c, loaded)
     xhat = h * rstd
     for j, dy in enumerate(dys):
       dg_ref[program, j, pl.ds(o, chunk)] = jnp.sum(dy * xhat, axis=0)
@@ -222,13 +245,13 @@ def _backward_two_pass_kernel(x_ref, g_ref, *refs, eps, glu, rows, chunk):
     if not glu:
       dx_ref[pl.ds(r0, rows), pl.ds(o, chunk)] = dx
       return carry
-    gate, up = gate_up[0][0], gate_up[1][0]
+    (gate,), (up,) = gate_up
     dh, sig = dx.astype(gate.dtype), _sigmoid(gate)
     dx_ref[pl.ds(r0, rows), pl.ds(o, chunk)] = (dh * up * (sig * (1.0 + gate * (1.0 - sig)))).astype(dx_ref.dtype)
     dx_ref[pl.ds(r0, rows), pl.ds(k + o, chunk)] = (dh * (gate * sig)).astype(dx_ref.dtype)
     return carry
 
-  lax.fori_loop(0, k // chunk, outputs, 0)
+  pallas_util.walk(n_chunks, load, outputs, 0, prefetch=False)
 
 
 def _num_warps(k: int, n: int = 1, tiling=None) -> int:
@@ -238,6 +261,10 @@ def _num_warps(k: int, n: int = 1, tiling=None) -> int:
   warps, tile_elems = tiling or (NUM_WARPS, TILE_ELEMS)
   kp = 1 << max(k - 1, 0).bit_length()
   return warps * max(1, kp // tile_elems) * (1 << max(n - 1, 0).bit_length())
+
+
+def _forward_tiling():
+  return FORWARD_ROWS_PER_PROGRAM, TILE_ELEMS
 
 
 def _launch(kernel, operands, out_shape, n_programs, num_warps, prefix="bitlinear"):
@@ -255,7 +282,7 @@ def _forward(x, gs, eps, glu):
   """The quantized inputs (a tuple, one per row of `gs [n, K]`) of rows `x [rows, K]` (glu: `[rows, 2K]`)."""
   out = tuple(jax.ShapeDtypeStruct((x.shape[0], gs.shape[1]), x.dtype) for _ in range(gs.shape[0]))
   return _launch(functools.partial(_forward_kernel, eps=eps, glu=glu), (x, gs.astype(dtypes.accum(x.dtype))), out,
-                 _geometry(*x.shape)[2], _num_warps(x.shape[1]))
+                 _geometry(*x.shape, _forward_tiling())[2], _num_warps(x.shape[1]))
 
 
 def _backward(x, gs, dys, eps, glu):

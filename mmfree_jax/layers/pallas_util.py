@@ -4,6 +4,8 @@ import math
 
 import flax.linen as nn
 import jax
+from jax import lax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 
@@ -18,6 +20,21 @@ def pow2_divisor(n: int, cap: int) -> int:
   while p * 2 <= cap and n % (p * 2) == 0:
     p *= 2
   return p
+
+
+def walk(n_blocks, load, step, init, prefetch: bool = True):
+  """`step(carry, block, loaded)` over blocks 0 .. n_blocks - 1 of `load(block)`, inside a kernel. With `prefetch`,
+  the next block is loaded before the current one is computed, so that its memory latency overlaps that work (a
+  loop iteration otherwise waits for its loads, then computes: log items 16 and 52 of benchmarks/README.md)."""
+  if not prefetch:
+    return lax.fori_loop(0, n_blocks, lambda c, carry: step(carry, c, load(c)), init)
+
+  def body(c, carry):
+    carry, loaded = carry
+    nxt = load(jnp.minimum(c + 1, n_blocks - 1))
+    return step(carry, c, loaded), nxt
+
+  return lax.fori_loop(0, n_blocks, body, (init, load(0)))[0]
 
 
 def per_device(fn, in_axes, out_axes):

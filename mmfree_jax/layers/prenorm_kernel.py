@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from mmfree_jax.layers import bitlinear_kernel as bk  # its row tiling and helpers
@@ -32,27 +31,32 @@ from mmfree_jax.layers import dtypes
 from mmfree_jax.layers import pallas_util
 
 MAX_WIDTH = bk.TWO_PASS_WIDTH
-# Tiling (benchmarks/README.md, log item 50: `python -m benchmarks.prenorm_kernel` at 8192 x 2048): rows per
-# program, elements per tile (one 2048-wide row per tile), warps per tile in the forward; the backward takes
-# BACKWARD_WARPS per norm scale (rounded up to a power of two), which hold the dgs' accumulators.
+# Tiling (benchmarks/README.md, log items 50 and 52: `python -m benchmarks.prenorm_kernel` and
+# `benchmarks.activation_kernels` at 8192 x 2048): rows per program, elements per tile (one 2048-wide row per
+# tile), warps per tile in the forward; the backward takes BACKWARD_WARPS per norm scale (rounded up to a power of
+# two), which hold the dgs' accumulators. A backward in three walks over column chunks was slower (log item 50).
 ROWS_PER_PROGRAM = 16
+FORWARD_ROWS_PER_PROGRAM = 4  # the forward has no per-program sums: fewer rows, more programs in flight
 TILE_ELEMS = 2048
 NUM_WARPS = 2
 BACKWARD_WARPS = 2
-# The backward as three walks over column chunks (`_backward_chunked_kernel`) instead of one over whole rows.
-CHUNKED_BACKWARD = False
-CHUNKED_ROWS = 8  # rows per program (the largest power of two <= this dividing the number of rows)
-CHUNKED_CHUNK = 256  # columns per chunk (the largest power of two <= this dividing K)
-CHUNKED_WARPS = 4
+# Loading the next tile of rows while computing the current one (log item 52): the forward, and the backward with at
+# least this many norm scales (its warps scale with them, so a thread holds fewer elements; None: never).
+FORWARD_PREFETCH = True
+BACKWARD_PREFETCH_SCALES = 2
 
 
-def _tiles():
-  return ROWS_PER_PROGRAM, TILE_ELEMS
+def _tiles(forward=False):
+  return FORWARD_ROWS_PER_PROGRAM if forward else ROWS_PER_PROGRAM, TILE_ELEMS
 
 
 def _warps(k, n=None):
   """The forward's warps (n None), or the backward's for n norm scales."""
   return bk._num_warps(k, n or 1, (NUM_WARPS if n is None else BACKWARD_WARPS, TILE_ELEMS))
+
+
+def _backward_prefetch(n_scales):
+  return BACKWARD_PREFETCH_SCALES is not None and n_scales >= BACKWARD_PREFETCH_SCALES
 
 
 def _normed(h, w, k, eps_pre, dtype):
@@ -71,10 +75,9 @@ def _forward_kernel(*refs, eps_pre, eps, residual):
   pieces = bk._pieces(k)
   gs, w = bk._scales(g_ref, pieces), [w_ref[pl.ds(o, m)] for o, m in pieces]
 
-  def visit(carry, r0, rows):
-    h = bk._load(x_ref, r0, rows, pieces)
+  def visit(carry, r0, rows, h, *res):
     if residual:  # the block's add, rounded to the stream's dtype
-      h = [(a + b).astype(x_ref.dtype) for a, b in zip(h, bk._load(res_ref, r0, rows, pieces))]
+      h = [(a + b).astype(x_ref.dtype) for a, b in zip(h, res[0])]
       for (o, m), v in zip(pieces, h):
         h_ref[pl.ds(r0, rows), pl.ds(o, m)] = v
       h = [v.astype(dtypes.accum(x_ref.dtype)) for v in h]
@@ -82,7 +85,8 @@ def _forward_kernel(*refs, eps_pre, eps, residual):
     bk.store_quantized(bk._stats(n, k, eps)[0], gs, o_refs, r0, rows, pieces)
     return carry
 
-  bk._walk_tiles(n_rows, k, visit, 0, _tiles())
+  loads = [(x_ref, 0)] + ([(res_ref, 0)] if residual else [])
+  bk._walk_tiles(n_rows, k, visit, 0, _tiles(forward=True), loads=loads, pieces=pieces, prefetch=FORWARD_PREFETCH)
 
 
 def _backward_kernel(h_ref, w_ref, g_ref, dh_ref, *refs, eps_pre, eps):
@@ -91,79 +95,27 @@ def _backward_kernel(h_ref, w_ref, g_ref, dh_ref, *refs, eps_pre, eps):
   pieces = bk._pieces(k)
   gs, w = bk._scales(g_ref, pieces), [w_ref[pl.ds(o, m)] for o, m in pieces]
 
-  def visit(carry, r0, rows):
+  def visit(carry, r0, rows, h, dh, *dys):
     dws, dgs = carry
-    hhat, rstd, n = _normed(bk._load(h_ref, r0, rows, pieces), w, k, eps_pre, h_ref.dtype)
+    hhat, rstd, n = _normed(h, w, k, eps_pre, h_ref.dtype)
     nhat, n_rstd = bk._stats(n, k, eps)
-    dn, dgs = bk.norm_backward(nhat, n_rstd, gs, [bk._load(r, r0, rows, pieces) for r in dy_refs], dgs, k)
+    dn, dgs = bk.norm_backward(nhat, n_rstd, gs, dys, dgs, k)
     dws = [a + jnp.sum(d * v, axis=0) for a, d, v in zip(dws, dn, hhat)]
     dnhat = [d * u[None] for d, u in zip(dn, w)]
     mean = bk._row_sum([d * v for d, v in zip(dnhat, hhat)]) / k
-    for (o, m), d, v, s in zip(pieces, dnhat, hhat, bk._load(dh_ref, r0, rows, pieces)):
+    for (o, m), d, v, s in zip(pieces, dnhat, hhat, dh):
       dx_ref[pl.ds(r0, rows), pl.ds(o, m)] = (s + rstd * (d - v * mean)).astype(dx_ref.dtype)
     return dws, dgs
 
   zeros = lambda: [jnp.zeros((m,), g_ref.dtype) for _, m in pieces]
-  dws, dgs = bk._walk_tiles(n_rows, k, visit, (zeros(), [zeros() for _ in dy_refs]), _tiles())
+  loads = [(h_ref, 0), (dh_ref, 0)] + [(r, 0) for r in dy_refs]
+  dws, dgs = bk._walk_tiles(n_rows, k, visit, (zeros(), [zeros() for _ in dy_refs]), _tiles(), loads=loads,
+                            pieces=pieces, prefetch=_backward_prefetch(len(dy_refs)))
   for (o, m), v in zip(pieces, dws):
     dw_ref[pl.program_id(0), pl.ds(o, m)] = v
   for j, dg in enumerate(dgs):
     for (o, m), v in zip(pieces, dg):
       dg_ref[pl.program_id(0), j, pl.ds(o, m)] = v
-
-
-def _backward_chunked_kernel(h_ref, w_ref, g_ref, dh_ref, *refs, eps_pre, eps, rows, chunk):
-  """`_backward_kernel`'s results from three walks over column chunks of this program's `rows` rows (the second
-  and third reads mostly from L2), each thread holding a few elements of a chunk rather than of whole rows: many
-  rows in flight per SM (`bitlinear_kernel._backward_two_pass_kernel`'s reason). Walk 1 sums h^2 (rstd); walk 2,
-  with n known, sums n^2, D n, D w h and n w h, where D = sum_j dy_j g_j is the cotangent of n's normalized value
-  scaled back (nhat's): they give n's rstd r2, m2 = mean(D nhat) = r2 sum(D n) / K, and
-  mean(dnhat hhat) = rstd r2 (sum(D w h) - r2 m2 sum(n w h)) / K, since dnhat = r2 (D - nhat m2) w. Walk 3
-  writes dx, and this program's dw and dgs per chunk."""
-  *dy_refs, dx_ref, dw_ref, dg_ref = refs
-  k = h_ref.shape[1]
-  program = pl.program_id(0)
-  r0 = program * rows
-  acc = dtypes.accum(h_ref.dtype)
-
-  def chunk_of(c):
-    o = pl.multiple_of(c * chunk, chunk)
-    return o, bk._load(h_ref, r0, rows, [(o, chunk)])[0], w_ref[pl.ds(o, chunk)][None]
-
-  def d_of(o):  # D and the dy_j
-    dys = [bk._load(r, r0, rows, [(o, chunk)])[0] for r in dy_refs]
-    return functools.reduce(lambda a, b: a + b, [dy * g_ref[j, pl.ds(o, chunk)][None] for j, dy in enumerate(dys)]), dys
-
-  row_sum = lambda v: jnp.sum(v, axis=1, keepdims=True)
-  zero = jnp.zeros((rows, 1), acc)
-  sq = lax.fori_loop(0, k // chunk, lambda c, t: t + row_sum(chunk_of(c)[1] ** 2), zero)
-  rstd = lax.rsqrt(sq / k + eps_pre)
-
-  def sums(c, carry):
-    o, h, w = chunk_of(c)
-    n = (h * rstd * w).astype(h_ref.dtype).astype(acc)
-    d, _ = d_of(o)
-    return tuple(t + row_sum(v) for t, v in zip(carry, (n * n, d * n, d * w * h, n * w * h)))
-
-  n_sq, d_n, d_wh, n_wh = lax.fori_loop(0, k // chunk, sums, (zero,) * 4)
-  r2 = lax.rsqrt(n_sq / k + eps)
-  m2 = r2 * d_n / k
-  mean = rstd * r2 * (d_wh - r2 * m2 * n_wh) / k
-
-  def outputs(c, carry):
-    o, h, w = chunk_of(c)
-    hhat = h * rstd
-    nhat = (hhat * w).astype(h_ref.dtype).astype(acc) * r2
-    d, dys = d_of(o)
-    for j, dy in enumerate(dys):
-      dg_ref[program, j, pl.ds(o, chunk)] = jnp.sum(dy * nhat, axis=0)
-    dn = r2 * (d - nhat * m2)
-    dw_ref[program, pl.ds(o, chunk)] = jnp.sum(dn * hhat, axis=0)
-    dh = bk._load(dh_ref, r0, rows, [(o, chunk)])[0]
-    dx_ref[pl.ds(r0, rows), pl.ds(o, chunk)] = (dh + rstd * (dn * w - hhat * mean)).astype(dx_ref.dtype)
-    return carry
-
-  lax.fori_loop(0, k // chunk, outputs, 0)
 
 
 def _forward(x, residual, w, gs, eps_pre, eps):
@@ -174,7 +126,7 @@ def _forward(x, residual, w, gs, eps_pre, eps):
     outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), *outs)
   operands = (x, *(() if residual is None else (residual.astype(x.dtype),)), w.astype(acc), gs.astype(acc))
   kernel = functools.partial(_forward_kernel, eps_pre=eps_pre, eps=eps, residual=residual is not None)
-  outs = bk._launch(kernel, operands, outs, bk._geometry(*x.shape, _tiles())[2], _warps(x.shape[1]),
+  outs = bk._launch(kernel, operands, outs, bk._geometry(*x.shape, _tiles(forward=True))[2], _warps(x.shape[1]),
                    prefix="prenorm")
   return (x, outs) if residual is None else (outs[0], outs[1:])
 
@@ -182,18 +134,12 @@ def _forward(x, residual, w, gs, eps_pre, eps):
 def _backward(h, w, gs, dh, dys, eps_pre, eps):
   """(the stream's whole cotangent, dw, dgs)."""
   acc = dtypes.accum(h.dtype)
-  if CHUNKED_BACKWARD:
-    rows = pallas_util.pow2_divisor(h.shape[0], CHUNKED_ROWS)
-    n_prog, warps = h.shape[0] // rows, CHUNKED_WARPS
-    kernel = functools.partial(_backward_chunked_kernel, eps_pre=eps_pre, eps=eps, rows=rows,
-                               chunk=pallas_util.pow2_divisor(h.shape[1], CHUNKED_CHUNK))
-  else:
-    n_prog, warps = bk._geometry(*h.shape, _tiles())[2], _warps(h.shape[1], len(dys))
-    kernel = functools.partial(_backward_kernel, eps_pre=eps_pre, eps=eps)
+  n_prog = bk._geometry(*h.shape, _tiles())[2]
+  kernel = functools.partial(_backward_kernel, eps_pre=eps_pre, eps=eps)
   shapes = (jax.ShapeDtypeStruct(h.shape, h.dtype), jax.ShapeDtypeStruct((n_prog, h.shape[1]), acc),
             jax.ShapeDtypeStruct((n_prog, *gs.shape), acc))
   operands = (h, w.astype(acc), gs.astype(acc), dh.astype(h.dtype), *(dy.astype(h.dtype) for dy in dys))
-  dx, dw, dg = bk._launch(kernel, operands, shapes, n_prog, warps, prefix="prenorm")
+  dx, dw, dg = bk._launch(kernel, operands, shapes, n_prog, _warps(h.shape[1], len(dys)), prefix="prenorm")
   return dx, jnp.sum(dw, axis=0).astype(w.dtype), jnp.sum(dg, axis=0).astype(gs.dtype)
 
 

@@ -21,7 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -37,17 +36,7 @@ STATE_AXES = ("act_batch", "act_heads")
 
 
 def _walk(n_blocks, load, step, init):
-  """`step(carry, block, rows)` over blocks 0 .. n_blocks - 1 of `load(block)`; with PREFETCH the next block's rows
-  are loaded (in the input dtype) before the current block is computed, so their latency overlaps its work."""
-  if not PREFETCH:
-    return lax.fori_loop(0, n_blocks, lambda c, carry: step(carry, c, load(c)), init)
-
-  def body(c, carry):
-    carry, rows = carry
-    nxt = load(jnp.minimum(c + 1, n_blocks - 1))
-    return step(carry, c, rows), nxt
-
-  return lax.fori_loop(0, n_blocks, body, (init, load(0)))[0]
+  return pallas_util.walk(n_blocks, load, step, init, prefetch=PREFETCH)
 
 
 def _forward_kernel(a_ref, b_ref, h0_ref, o_ref, last_ref, *, unroll):

@@ -12,10 +12,15 @@ from mmfree_jax.layers import prenorm_kernel as pk
 from mmfree_jax.layers.norm import PreNorm
 
 
-@pytest.fixture(params=["whole_rows", "chunked"])
+@pytest.fixture(params=["whole_rows", "row_tiles", "row_tiles_other_prefetch"])
 def backward_walk(request, monkeypatch):
-  """The backward kernel's walk: over whole-row tiles, or three walks over column chunks."""
-  monkeypatch.setattr(pk, "CHUNKED_BACKWARD", request.param == "chunked")
+  """The kernels' walks: as configured (the test rows in one tile per program), one row per tile (several tiles per
+  program, loaded ahead as configured), or one row per tile loaded ahead the other way in each direction."""
+  if request.param != "whole_rows":
+    monkeypatch.setattr(pk, "TILE_ELEMS", 64)  # the test rows are 48 wide
+  if request.param == "row_tiles_other_prefetch":
+    monkeypatch.setattr(pk, "FORWARD_PREFETCH", not pk.FORWARD_PREFETCH)
+    monkeypatch.setattr(pk, "BACKWARD_PREFETCH_SCALES", 1 if pk.BACKWARD_PREFETCH_SCALES is None else None)
   return request.param
 
 
@@ -51,7 +56,7 @@ def test_values_and_gradients_equal_unfused_float64(x64, impl, n, residual, back
   """Values and the gradients of x, residual, the block's scale, the BitLinear scales and kernels, with the stream's
   own cotangent (the residual connection's) added inside the backward kernel: to float64 rounding."""
   rng = np.random.default_rng()
-  # 10 rows; 48 = 32 + 16 (whole rows), three chunks of 16 columns (chunked).
+  # 10 rows of 48 = 32 + 16: programs of 2 rows (one or two tiles).
   x, r, w, gs, kernels = _inputs(rng, (2, 5, 48), n, jnp.float64, residual)
   cots = [jnp.asarray(rng.normal(size=(2, 5, 48)))] + [jnp.asarray(rng.normal(size=(2, 5, 24))) for _ in range(n)]
   (ref, (ref_h, ref_outs)), ref_grads = _loss("vanilla", False, jnp.float64)(x, r, w, gs, kernels, cots)
