@@ -3,7 +3,7 @@
   python -m benchmarks.scan [--shape=8,2048,2048] [--dtype=bfloat16] [--impls=associative,chunked:64,pallas,...]
 
 `chunked:<chunk>` sets the chunk length; `pallas:<block_d>:<unroll>:<num_warps>:<prefetch 0|1>` the GPU kernel's tiling
-(`layers/recurrence_kernel.py`; plain `pallas` keeps its defaults).
+(`layers/recurrence_kernel.py`, that block_d at any grid size; plain `pallas` keeps its defaults).
 
 bf16 (or float32) inputs, float32 state, as the model runs it. Median after warm-up of synchronized calls
 (`fwd_ms`, `fwd_bwd_ms`: host dispatch included) and of calls issued back to back (`*_device_ms`: the device time
@@ -49,8 +49,10 @@ def main(argv):
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
     reps = 3 if impl == "sequential" else f.repeats
     ms = lambda fn, k=1: round(timing.median_time(fn, a, b, repeats=reps, back_to_back=k) * 1e3, 3)
+    exact = ["0"] if impl == "pallas" and params else []  # the spec's block_d at any grid size
     with tiling.kernel_tiling(recurrence_kernel, ("BLOCK_D", "UNROLL", "NUM_WARPS", "PREFETCH"), spec,
-                              params if impl == "pallas" else []):
+                              params if impl == "pallas" else []), \
+         tiling.kernel_tiling(recurrence_kernel, ("SMALL_GRID",), spec, exact):
       row = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "impl": spec,
              "shape": list(shape), "dtype": f.dtype, "fwd_ms": ms(fwd), "fwd_bwd_ms": ms(bwd),
              "fwd_device_ms": ms(fwd, f.back_to_back), "fwd_bwd_device_ms": ms(bwd, f.back_to_back),

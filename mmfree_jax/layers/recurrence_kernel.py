@@ -28,6 +28,10 @@ from jax.experimental.pallas import triton as plgpu
 from mmfree_jax.layers import pallas_util
 
 BLOCK_D = 64  # channels per program (the largest power of two <= this dividing D)
+# A grid of fewer than SMALL_GRID programs (B x D / BLOCK_D: under 2 per SM on an H100; the 1.3B step's micro-batches
+# of 4 rows give 128) takes blocks of SMALL_GRID_BLOCK_D channels instead: more walks in flight (log item 53).
+SMALL_GRID = 256
+SMALL_GRID_BLOCK_D = 16
 UNROLL = 32  # time steps per loop iteration (the largest power of two <= this dividing T)
 NUM_WARPS = 1
 PREFETCH = True  # load the next block of time steps while computing the current one
@@ -82,9 +86,15 @@ def _backward_kernel(a_ref, o_ref, g_ref, h0_ref, glast_ref, da_ref, db_ref, dh0
   dh0_ref[...] = a_first * lam
 
 
+def block_d(b: int, d: int) -> int:
+  """Channels per program for `b` rows of `d` channels."""
+  bd = pallas_util.pow2_divisor(d, BLOCK_D)
+  return pallas_util.pow2_divisor(d, SMALL_GRID_BLOCK_D) if b * (d // bd) < SMALL_GRID else bd
+
+
 def _call(kernel, inputs, outputs, t_len: int, d: int):
   """`kernel` over the grid (batch rows, channel blocks); `outputs`: ShapeDtypeStructs, [B, T, D] or [B, D]."""
-  bd = pallas_util.pow2_divisor(d, BLOCK_D)
+  bd = block_d(inputs[0].shape[0], d)
   seq = pl.BlockSpec((None, t_len, bd), lambda i, j: (i, 0, j))
   vec = pl.BlockSpec((None, bd), lambda i, j: (i, j))
   spec = lambda x: seq if x.ndim == 3 else vec

@@ -129,3 +129,34 @@ def test_kernel_walks_blocks_with_and_without_prefetch(x64, monkeypatch, prefetc
   got = jax.value_and_grad(loss, argnums=(1, 2, 3))("pallas", a, b, h0)
   for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_small_grids_take_narrower_channel_blocks():
+  """B x D / BLOCK_D programs under SMALL_GRID: blocks of SMALL_GRID_BLOCK_D channels (the 1.3B step's micro-batch
+  of 4 rows x 2048 channels: 512 programs of 16 instead of 128 of 64); larger grids keep BLOCK_D."""
+  from mmfree_jax.layers import recurrence_kernel as rk  # pylint: disable=g-import-not-at-top
+  assert (rk.BLOCK_D, rk.SMALL_GRID, rk.SMALL_GRID_BLOCK_D) == (64, 256, 16)
+  assert rk.block_d(4, 2048) == 16 and rk.block_d(8, 1024) == 16
+  assert rk.block_d(8, 2048) == 64 and rk.block_d(16, 1024) == 64
+  assert rk.block_d(1, 24) == 8  # powers of two dividing D
+
+
+@pytest.mark.parametrize("small_grid", [0, 256])
+def test_kernel_values_with_either_channel_block(x64, monkeypatch, small_grid):
+  """The kernel's values and gradients against the loop with 32 channels in one block (SMALL_GRID 0: BLOCK_D) or
+  in two (the small-grid rule's 16)."""
+  from mmfree_jax.layers import recurrence_kernel as rk  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(rk, "SMALL_GRID", small_grid)
+  rng = np.random.default_rng()
+  a, b, h0, _ = (jnp.asarray(v) for v in _inputs(rng, t=8, d=32))
+  w = jnp.asarray(rng.normal(size=b.shape))
+  assert rk.block_d(a.shape[0], 32) == (16 if small_grid else 32)
+
+  def loss(impl_, a_, b_, h0_):
+    h, last = linear_scan(a_, b_, h0_, impl=impl_)
+    return jnp.sum(h * w) + jnp.sum(last ** 2)
+
+  ref = jax.value_and_grad(loss, argnums=(1, 2, 3))("sequential", a, b, h0)
+  got = jax.value_and_grad(loss, argnums=(1, 2, 3))("pallas", a, b, h0)
+  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
