@@ -212,7 +212,7 @@ def _backward_two_pass_kernel(x_ref, g_ref, *refs, eps, glu, rows, chunk):
   program = pl.program_id(0)
   r0 = program * rows
   n_chunks = k // chunk
-  at = lambda c: c * chunk if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)  # the walk's first: an int
+  at = lambda c: pl.multiple_of(c * chunk, chunk)
 
   def load(c):  # chunk c of x (gate and up) and of the cotangents, as stored
     o = at(c)

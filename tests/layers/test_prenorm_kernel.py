@@ -80,16 +80,19 @@ def test_bfloat16_matches_the_unfused_kernel_path(backward_walk):
   (_, (ref_h, ref_outs)), ref = _loss("pallas_fused", False, jnp.bfloat16)(x, r, w, gs, kernels, cots)
   (_, (h, outs)), got = _loss("pallas_fused", True, jnp.bfloat16)(x, r, w, gs, kernels, cots)
   np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(ref_h, np.float32))
-  # The block norm's inverse RMS is rsqrt here, 1 / sqrt in XLA's RMSNorm: an f32 ulp apart, which can move n's
-  # bf16 rounding, and then a quantization code, by one (~1% of the largest output): a few bf16 ulps of scale.
-  # Gradients: the same, plus the order of float32 sums.
+  # The block norm's inverse RMS is rsqrt here, 1 / sqrt in XLA's RMSNorm: an f32 ulp apart, which can move an
+  # element of n by a bf16 ulp. If that element is its row's largest, the row's activation scale moves and every code
+  # of the row is rounded anew: the output moves by a random walk of ~sqrt(352) half-codes, ~1.3% of the largest
+  # output here. Allowed: 2.4 of those (8 bf16 ulps of the largest). Gradients: the same, plus float32 sum order.
   for r_, k_ in zip(jax.tree.leaves((ref_outs, ref)), jax.tree.leaves((outs, got))):
     r_, k_ = np.asarray(r_, np.float32), np.asarray(k_, np.float32)
-    np.testing.assert_allclose(k_, r_, rtol=0, atol=4 * 2 ** -8 * np.abs(r_).max())
+    np.testing.assert_allclose(k_, r_, rtol=0, atol=8 * 2 ** -8 * np.abs(r_).max())
 
 
 def test_under_a_mesh_matches_one_device(backward_walk):
-  """Per device under a (data, fsdp, tensor) mesh: the scales' gradients summed over devices."""
+  """Per device under a (data, fsdp, tensor) mesh against the same path on one device: each row's values the same,
+  the scales' gradients summed over devices. (Against XLA's unfused layer, a quantization code of a row can round
+  the other way: test_values_and_gradients_equal_unfused_float64 compares the formulas.)"""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from mmfree_jax.train import sharding  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -97,12 +100,19 @@ def test_under_a_mesh_matches_one_device(backward_walk):
   x, r, w, gs, kernels = _inputs(rng, (8, 4, 64), 3, jnp.float32)
   cots = [jnp.asarray(rng.normal(size=(8, 4, 64)), jnp.float32)]
   cots += [jnp.asarray(rng.normal(size=(8, 4, 24)), jnp.float32) for _ in range(3)]
-  ref = _loss("vanilla", False, jnp.float32)(x, r, w, gs, kernels, cots)
+  ref = _loss("pallas_fused", True, jnp.float32)(x, r, w, gs, kernels, cots)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     rows = NamedSharding(mesh, P(sharding.BATCH))
     got = _loss("pallas_fused", True, jnp.float32)(jax.device_put(x, rows), jax.device_put(r, rows), w, gs, kernels,
                                                    cots)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+  (total, (h, outs)), grads = got
+  (ref_total, (ref_h, ref_outs)), ref_grads = ref
+  # The loss sums ~4k float32 terms in another order (per device): its error scales with the terms, not the sum.
+  terms = sum(float(np.abs(np.asarray(c) * np.asarray(v)).sum()) for c, v in zip(cots, (ref_h, *ref_outs)))
+  np.testing.assert_allclose(total, ref_total, rtol=0, atol=1e-6 * terms)
+  for a, b in zip(jax.tree.leaves((h, outs)), jax.tree.leaves((ref_h, ref_outs))):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     # float32 sums in another order (per device, per tile), as in the BitLinear kernel's mesh test.
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * max(1.0, float(np.abs(b).max())))
 
