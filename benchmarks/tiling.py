@@ -1,4 +1,5 @@
-"""Kernel tilings named in a benchmark's spec (`pallas:64:32:1:1`): module constants set per spec, reset after."""
+"""Kernel tilings named in a benchmark's spec (`pallas:64:32:1:1`) or `--set` flag: module constants set for a
+block, restored after."""
 
 import contextlib
 import importlib
@@ -7,6 +8,19 @@ from absl import app
 
 
 @contextlib.contextmanager
+def _assigned(assignments):
+  """Sets each (module, constant, value) of `assignments` while the block runs, then restores them."""
+  saved = []
+  try:
+    for mod, const, value in assignments:
+      saved.append((mod, const, getattr(mod, const)))
+      setattr(mod, const, value)
+    yield
+  finally:
+    for mod, const, value in reversed(saved):
+      setattr(mod, const, value)
+
+
 def kernel_tiling(module, names: tuple[str, ...], spec: str, params: list[str]):
   """Sets `module.<names>` to the integers `params` (none: the defaults) while the block runs, then restores them.
 
@@ -14,14 +28,7 @@ def kernel_tiling(module, names: tuple[str, ...], spec: str, params: list[str]):
   if params and (len(params) != len(names) or not all(p.lstrip("-").isdigit() for p in params)):
     want = ":".join([spec.split(":")[0]] + [f"<{n.lower()}>" for n in names])
     raise app.UsageError(f"{spec!r}: expected {want} (integers)")
-  defaults = {n: getattr(module, n) for n in names}
-  try:
-    for n, v in zip(names, params):
-      setattr(module, n, int(v))
-    yield
-  finally:
-    for n, v in defaults.items():
-      setattr(module, n, v)
+  return _assigned([(module, n, int(v)) for n, v in zip(names, params)])
 
 
 def parse_settings(setting: str) -> list[tuple[str, str, object]]:
@@ -36,22 +43,16 @@ def parse_settings(setting: str) -> list[tuple[str, str, object]]:
   return out
 
 
-@contextlib.contextmanager
 def layer_constants(setting: str):
   """Sets the constants `parse_settings(setting)` names on `mmfree_jax.layers.<module>` while the block runs (kernel
   tilings and walks: a kernel reads them when it is traced), then restores them."""
-  saved = []
-  try:
-    for module, const, value in parse_settings(setting):
-      try:
-        mod = importlib.import_module(f"mmfree_jax.layers.{module}")
-      except ModuleNotFoundError as e:
-        raise app.UsageError(f"--set: no module mmfree_jax.layers.{module}") from e
-      if not hasattr(mod, const):
-        raise app.UsageError(f"--set: mmfree_jax.layers.{module} has no {const}")
-      saved.append((mod, const, getattr(mod, const)))
-      setattr(mod, const, value)
-    yield
-  finally:
-    for mod, const, value in reversed(saved):
-      setattr(mod, const, value)
+  assignments = []
+  for module, const, value in parse_settings(setting):
+    try:
+      mod = importlib.import_module(f"mmfree_jax.layers.{module}")
+    except ModuleNotFoundError as e:
+      raise app.UsageError(f"--set: no module mmfree_jax.layers.{module}") from e
+    if not hasattr(mod, const):
+      raise app.UsageError(f"--set: mmfree_jax.layers.{module} has no {const}")
+    assignments.append((mod, const, value))
+  return _assigned(assignments)
