@@ -43,16 +43,26 @@ def parse_settings(setting: str) -> list[tuple[str, str, object]]:
   return out
 
 
+PACKAGES = ("mmfree_jax.layers", "mmfree_jax.train")  # where `--set` looks for a module, in this order
+
+
+def _module(name: str):
+  for package in PACKAGES:
+    try:
+      return importlib.import_module(f"{package}.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"{package}.{name}":  # the module exists but an import inside it failed
+        raise
+  raise app.UsageError(f"--set: no module {name} in {' or '.join(PACKAGES)}")
+
+
 def layer_constants(setting: str):
-  """Sets the constants `parse_settings(setting)` names on `mmfree_jax.layers.<module>` while the block runs (kernel
-  tilings and walks: a kernel reads them when it is traced), then restores them."""
+  """Sets the constants `parse_settings(setting)` names on `mmfree_jax.layers.<module>` or `mmfree_jax.train.<module>`
+  while the block runs (kernel tilings and walks: a kernel reads them when it is traced), then restores them."""
   assignments = []
   for module, const, value in parse_settings(setting):
-    try:
-      mod = importlib.import_module(f"mmfree_jax.layers.{module}")
-    except ModuleNotFoundError as e:
-      raise app.UsageError(f"--set: no module mmfree_jax.layers.{module}") from e
+    mod = _module(module)
     if not hasattr(mod, const):
-      raise app.UsageError(f"--set: mmfree_jax.layers.{module} has no {const}")
+      raise app.UsageError(f"--set: {mod.__name__} has no {const}")
     assignments.append((mod, const, value))
   return _assigned(assignments)

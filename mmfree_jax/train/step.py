@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmfree_jax.train import grad_stack
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -83,18 +85,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     kept = [per_layer and s.dtype.itemsize * n_micro <= a.dtype.itemsize for s, a in zip(shapes, accs)]
 
     def micro(carry, mb):
-      g_acc, l_acc, w_acc = carry
+      g_acc, l_acc, w_acc, outs, i = carry
       (l, w), g = grad_fn(read, mb)
       g = tree.flatten_up_to(g)
       g_acc = [a + b.astype(a.dtype) for a, b in zip(g_acc, [b for b, k in zip(g, kept) if not k])]
-      return (g_acc, l_acc + l, w_acc + w), [b for b, k in zip(g, kept) if k]
+      outs = [jax.lax.dynamic_update_index_in_dim(o, b, i, 0) for o, b in zip(outs, [b for b, k in zip(g, kept) if k])]
+      return (g_acc, l_acc + l, w_acc + w, outs, i + 1), None
 
     zeros = [jnp.zeros(a.shape, a.dtype) for a, k in zip(accs, kept) if not k]
-    (carried, loss_sum, weight), outs = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    # Each micro-batch writes its kept gradients into slot i of these: as a scan's outputs, they would be zero-filled.
+    outs = [grad_stack.uninitialized((n_micro,) + s.shape, s.dtype) for s, k in zip(shapes, kept) if k]
+    (carried, loss_sum, weight, outs, _), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, outs, 0), batch)
     carried, outs = iter(carried), iter(outs)
-    grads = tree.unflatten([_sum_in_order(next(outs), a.dtype) if k else next(carried) for a, k in zip(accs, kept)])
+    grads = tree.unflatten([_Kept(next(outs), a.dtype) if k else next(carried) for a, k in zip(accs, kept)])
     if per_layer:  # stacked into memory first: fused into the optimizer's reductions, the stacking ran 3x slower
-      grads = jax.lax.optimization_barrier(stack_layers(grads))
+      grads = jax.lax.optimization_barrier(jax.tree.map(_sum_and_stack, grads, is_leaf=_is_tuple_or_kept))
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
@@ -112,12 +117,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
   return train_step
 
 
-def _sum_in_order(stacked, dtype):
-  """`stacked[0] + stacked[1] + ...` in `dtype`, in order: the bits of adding each to a zero accumulator."""
-  total = stacked[0].astype(dtype)
-  for i in range(1, stacked.shape[0]):
-    total = total + stacked[i].astype(dtype)
-  return total
+class _Kept:
+  """A leaf's gradients of every micro-batch, [A, ...], to be summed in order in `dtype`."""
+
+  def __init__(self, parts, dtype):
+    self.parts, self.dtype = parts, dtype
+
+
+def _is_tuple_or_kept(x) -> bool:
+  return isinstance(x, (tuple, _Kept))
+
+
+def _sum_and_stack(x):
+  """A layer matrix's gradient from its layers' (`split_layers`' tuple): stacked, and where the micro-batches'
+  gradients were kept, summed (`grad_stack.sum_and_stack`); any other leaf as it is, or summed if kept."""
+  if isinstance(x, _Kept):
+    return grad_stack.sum_and_stack([x.parts], x.dtype)[0]
+  if isinstance(x, tuple) and all(isinstance(p, _Kept) for p in x):
+    return grad_stack.sum_and_stack([p.parts for p in x], x[0].dtype)
+  return stack_layers(x) if isinstance(x, tuple) else x
 
 
 def make_eval_step(model: nn.Module):

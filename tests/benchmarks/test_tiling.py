@@ -5,6 +5,7 @@ from absl import app
 
 from benchmarks import tiling
 from mmfree_jax.layers import bitlinear_kernel, prenorm_kernel
+from mmfree_jax.train import grad_stack
 
 
 def test_settings_apply_inside_the_block_and_are_restored():
@@ -14,6 +15,13 @@ def test_settings_apply_inside_the_block_and_are_restored():
     assert bitlinear_kernel.FORWARD_ROWS_PER_PROGRAM == 8
     assert prenorm_kernel.BACKWARD_PREFETCH_SCALES is None
   assert (bitlinear_kernel.FORWARD_ROWS_PER_PROGRAM, prenorm_kernel.BACKWARD_PREFETCH_SCALES) == (rows, prefetch)
+
+
+def test_train_modules_are_found_too():
+  kernel = grad_stack.KERNEL
+  with tiling.layer_constants("grad_stack.KERNEL=0"):
+    assert grad_stack.KERNEL == 0
+  assert grad_stack.KERNEL == kernel
 
 
 def test_restored_after_an_error_and_empty_is_the_defaults():
@@ -29,7 +37,7 @@ def test_restored_after_an_error_and_empty_is_the_defaults():
     ("bitlinear_kernel.FORWARD_ROWS_PER_PROGRAM", "expected module.CONSTANT"),
     ("FORWARD_ROWS_PER_PROGRAM=2", "expected module.CONSTANT"),
     ("bitlinear_kernel.FORWARD_ROWS_PER_PROGRAM=two", "expected module.CONSTANT"),
-    ("no_such_module.X=1", "no module mmfree_jax.layers.no_such_module"),
+    ("no_such_module.X=1", "no module no_such_module in mmfree_jax.layers or mmfree_jax.train"),
     ("bitlinear_kernel.NO_SUCH_CONSTANT=1", "has no NO_SUCH_CONSTANT"),
 ])
 def test_malformed_settings_are_usage_errors(setting, message):
