@@ -12,7 +12,7 @@ cosine to 0.1x. Steps are set for the paper's 100B tokens. The paper trained on 
 SentencePiece vocabulary; README.md lists its zero-shot results.
 Smoke run without data: add `--config.data.source=embedded --config.train.steps=20 --config.train.global_batch=8`.
 Speed on one H100 (benchmarks/README.md), 8 x 2048 tokens per step: this preset 52.6k tokens/s in 39.9 GiB; its
-GPU configuration, `--config=experiments/configs/1p3b.py:gpu`, 59.6k-60.1k (the mean per H100) in 37.7 GiB:
+GPU configuration, `--config=experiments/configs/1p3b.py:gpu`, 60.0k-61.2k (per H100) in 37.7 GiB:
 micro-batches of 4 rows per GPU, the layers unrolled, no remat, the BitLinear kernels saving only their inputs but
 the down, o and gate/up projections' quantized ones, the blocks' norms inside the kernels (`base.fastest_on_gpu`).
 The official code: 39.9k in 57.2 GiB.
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
   else:  # BitLinear's activation-path kernel on GPUs: 49.9k -> 50.3k tokens/s, 40.05 -> 39.49 GiB on one H100
     c.model.bitlinear = "auto"
     c.model.quantize_weights_once = True  # one H100 (with the GLU kernel): 51.5k -> 52.2k tokens/s, 39.89 GiB
-  if base.wants_gpu(arg):  # one H100, 8 rows per step: 59.6k-60.1k tokens/s in 37.7 GiB
+  if base.wants_gpu(arg):  # one H100, 8 rows per step: 60.0k-61.2k tokens/s in 37.7 GiB
     base.fastest_on_gpu(c, micro_batch=4)
   c.data.seq_len = 2048
   c.train.global_batch = 256

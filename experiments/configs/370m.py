@@ -12,7 +12,7 @@ cosine to 0.1x. Steps are set for the paper's 15B tokens. The paper trained on S
 SentencePiece vocabulary; README.md lists its zero-shot results.
 Smoke run without data: add `--config.data.source=embedded --config.train.steps=20 --config.train.global_batch=8`.
 Speed on one H100 (benchmarks/README.md), 16 x 2048 tokens per step: this preset 144.6k tokens/s in 27.5 GiB
-(any backend); its GPU configuration, `--config=experiments/configs/370m.py:gpu`, 185k-188k in 22.6 GiB:
+(any backend); its GPU configuration, `--config=experiments/configs/370m.py:gpu`, 185k-188k in 22.4-22.6 GiB:
 micro-batches of 8 rows per GPU, the layers unrolled, no remat, the BitLinear kernels saving only their inputs but
 the down, o and gate/up projections' quantized ones, the weights quantized once per pass, the blocks' norms inside
 the kernels (`base.fastest_on_gpu`).
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c = base.sized("370m", base.parse_arg(arg, gpu=True))
   c.data.source = "shards"
   c.model.remat = "save_proj"  # fastest policy measured on one H100 (benchmarks/README.md)
-  if base.wants_gpu(arg):  # one H100, 16 rows per step: 185k-188k tokens/s in 22.6 GiB
+  if base.wants_gpu(arg):  # one H100, 16 rows per step: 185k-188k tokens/s in 22.4-22.6 GiB
     base.fastest_on_gpu(c, micro_batch=8)
   c.data.seq_len = 2048
   c.train.global_batch = 256

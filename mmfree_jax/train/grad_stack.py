@@ -72,7 +72,8 @@ def uninitialized(shape, dtype):
     return jnp.zeros(shape, dtype)
   ones = (1,) * len(shape)
   return pl.pallas_call(lambda out_ref: None, out_shape=jax.ShapeDtypeStruct(shape, dtype), grid=(1,),
-                        out_specs=pl.BlockSpec(ones, lambda i: (0,) * len(shape)), name="uninitialized")()
+                        out_specs=pl.BlockSpec(ones, lambda i: (0,) * len(shape)), name="uninitialized",
+                        interpret=pallas_util.interpret())()
 
 
 def sum_and_stack(per_layer, dtype, kernel: bool | None = None):

@@ -63,8 +63,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
   `per_layer`: the gradient is taken with respect to each layer matrix's per-layer slices (`split_layers`; the
   loss stacks them again, and XLA cancels the slicing of the stack), accumulated per layer and stacked once after
   the last micro-batch; where a layer's gradients of all the micro-batches take no more memory than their float32
-  sum (bf16 gradients, 2 micro-batches), the micro-batch loop returns them and they are summed, in order, in the
-  pass that stacks them, instead of added to a zero-filled accumulator (log item 48). With the weight view and the
+  sum (bf16 gradients, 2 micro-batches), the micro-batch loop writes them into buffers that are not zero-filled
+  first, and they are summed, in order, in the pass that stacks them (`grad_stack`), instead of added to a
+  zero-filled accumulator (log items 48 and 54). With the weight view and the
   layers unrolled, the view's per-layer slices are then made once per step, before the micro-batch loop, which
   reads them in place (inside the loop, slices of the view are copies, once per micro-batch), and each layer's
   gradient is added (or kept) where it is produced (benchmarks/README.md, log items 41-43 and 48). The same sums,

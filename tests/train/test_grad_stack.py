@@ -31,11 +31,12 @@ def test_bad_inputs_say_what_is_wrong():
 
 
 def test_train_step_with_the_kernel_is_bit_identical(monkeypatch):
-  """bf16 layers, 2 micro-batches: the kept per-layer gradients are summed and stacked by the kernel."""
+  """bf16 layers, 2 micro-batches: the kept per-layer gradients are written into buffers that `uninitialized`
+  allocates, then summed and stacked by the kernel."""
   prog = test_step._program(unroll_layers=2, quantize_weights_once=True, dtype="bfloat16")
   calls = []
   real = grad_stack._write_layer
-  monkeypatch.setattr(grad_stack, "_use_kernel", lambda per_layer: True)
+  monkeypatch.setattr(grad_stack, "_one_gpu", lambda: True)  # the kernel, and `uninitialized`'s allocation
   monkeypatch.setattr(grad_stack, "_write_layer", lambda *a: calls.append(a[2]) or real(*a))
   with prog.context:
     want, want_metrics = test_step._run(prog)
