@@ -55,8 +55,9 @@ def _write_layer(stack, parts, layer: int, n_layers: int, dtype, interpret: bool
 
 
 def _one_gpu() -> bool:
+  """On a GPU, and one device: a mesh of one, or no mesh and one device in all (the kernels are not partitioned)."""
   mesh = jax.sharding.get_abstract_mesh()
-  return not pallas_util.interpret() and (mesh.empty or mesh.size == 1)
+  return not pallas_util.interpret() and (jax.device_count() == 1 if mesh.empty else mesh.size == 1)
 
 
 def _use_kernel(per_layer) -> bool:

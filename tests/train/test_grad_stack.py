@@ -23,6 +23,16 @@ def test_kernel_matches_the_in_order_sums(n_parts, shape, dtype):
   np.testing.assert_array_equal(grad_stack.sum_and_stack(per_layer, jnp.float32, kernel=False), want)
 
 
+def test_the_kernel_runs_only_on_one_device(monkeypatch):
+  """The kernels are not partitioned: with several devices (8 host devices here) and no mesh of one, XLA's path."""
+  monkeypatch.setattr(grad_stack.pallas_util, "interpret", lambda: False)  # as on a GPU
+  assert jax.device_count() > 1 and not grad_stack._one_gpu()
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+    assert grad_stack._one_gpu()
+  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+    assert not grad_stack._one_gpu()
+
+
 def test_bad_inputs_say_what_is_wrong():
   with pytest.raises(ValueError, match="one shape"):
     grad_stack.sum_and_stack([jnp.zeros((2, 1024)), jnp.zeros((2, 2048))], jnp.float32)
