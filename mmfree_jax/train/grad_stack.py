@@ -60,10 +60,6 @@ def _one_gpu() -> bool:
   return not pallas_util.interpret() and (jax.device_count() == 1 if mesh.empty else mesh.size == 1)
 
 
-def _use_kernel(per_layer) -> bool:
-  return bool(KERNEL) and _one_gpu() and all(p.size // p.shape[0] % WIDTH == 0 for p in per_layer)
-
-
 def uninitialized(shape, dtype):
   """An array whose elements are undefined until written: the buffers that the micro-batch loop writes each
   micro-batch's gradients into, every element before it is read. XLA would zero-fill the outputs of a scan
@@ -84,11 +80,11 @@ def sum_and_stack(per_layer, dtype, kernel: bool | None = None):
   shape = per_layer[0].shape
   if any(p.shape != shape for p in per_layer):
     raise ValueError(f"sum_and_stack: every layer's gradients must have one shape; got {[p.shape for p in per_layer]}")
+  n = per_layer[0].size // shape[0]
   if kernel is None:
-    kernel = _use_kernel(per_layer)
+    kernel = bool(KERNEL) and _one_gpu() and n % WIDTH == 0
   if not kernel:
     return jnp.stack([_sum_in_order(p, dtype) for p in per_layer])
-  n = per_layer[0].size // shape[0]
   if n % WIDTH:
     raise ValueError(f"sum_and_stack: a layer's {n} elements are not a multiple of WIDTH={WIDTH}")
   stack = None
